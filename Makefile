@@ -1,0 +1,25 @@
+# The two quick-start commands: `make train` and `make test` (each sets up .venv first if needed).
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup train test lint typecheck pytest
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/constraints.txt
+	scripts/setup.sh
+	touch $@
+
+train: setup
+	$(BIN)/dapo train
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest

@@ -1,0 +1,167 @@
+"""The `dapo` command line: `dapo train`, `dapo eval`, `dapo config`.
+
+Every subcommand takes `--config FILE_OR_PRESET` and trailing `key.path=value` overrides
+(e.g. `actor.lr=2e-6`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dapo.config import Config, ConfigError, dump_config, load_config
+
+DESCRIPTION = """\
+dapo: reinforcement learning for language models with DAPO (arXiv 2503.14476).
+
+  dapo train                      train the tiny built-in model on the arithmetic task (the embedded default)
+  dapo train --config FILE k=v    train with a YAML config (or preset name) and key.path=value overrides
+  dapo train --config FILE --dry-run
+                                  print the resolved config and the per-step plan, load nothing, exit
+  dapo eval --model DIR --data FILE
+                                  avg@k / pass@k / maj@k of a checkpoint on a dataset
+  dapo config [--config FILE]     print the resolved config with each field's documentation
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML config file or built-in preset name (default: the embedded 'tiny' preset)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. actor.lr=2e-6"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dapo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,config}")
+
+    train = sub.add_parser(
+        "train",
+        help="train a policy with DAPO",
+        description="Train a policy with DAPO. Without --config: the tiny model on the arithmetic task.",
+    )
+    _add_config_args(train)
+    train.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the plan, then exit"
+    )
+    train.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (newest complete checkpoint of the run directory) or a checkpoint path",
+    )
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (avg@k, pass@k, maj@k)",
+        description="Evaluate a checkpoint directory on a dataset: avg@k, pass@k, maj@k per data source.",
+    )
+    _add_config_args(ev)
+    ev.add_argument("--model", required=True, help="checkpoint directory (Hugging Face format) or 'tiny'")
+    ev.add_argument("--data", nargs="+", required=True, help="parquet/jsonl files, or 'arithmetic'")
+    ev.add_argument("--k", type=int, default=None, help="samples per prompt row (default: evaluation.k)")
+
+    cfg = sub.add_parser("config", help="print the resolved config with field documentation")
+    _add_config_args(cfg)
+    return parser
+
+
+def format_plan(cfg: Config) -> str:
+    """What one step will do, derived from the config (no model is loaded)."""
+    n_prompts = cfg.trainer.prompts_per_step
+    g = cfg.rollout.n
+    responses = n_prompts * g
+    updates = -(-responses // cfg.actor.mini_batch_size) * cfg.actor.epochs
+    micro = -(-cfg.actor.mini_batch_size // cfg.actor.micro_batch_size)
+    max_tokens = responses * (cfg.data.max_prompt_length + cfg.rollout.max_response_length)
+    lines = [
+        "plan per step (one step = one policy-update round):",
+        f"  prompts (groups) kept per step    N = {n_prompts}",
+        f"  responses per prompt              G = {g}",
+        f"  responses trained per step        N x G = {responses}",
+        f"  gradient updates per step         {updates} (mini-batch {cfg.actor.mini_batch_size} responses, "
+        f"{cfg.actor.epochs} epoch(s), {micro} micro-batches of {cfg.actor.micro_batch_size})",
+        f"  token budget per step             <= {max_tokens:,} tokens "
+        f"({responses} x ({cfg.data.max_prompt_length} prompt + {cfg.rollout.max_response_length} response))",
+    ]
+    if cfg.algorithm.dynamic_sampling:
+        per_round = int(n_prompts * cfg.algorithm.max_oversample)
+        lines.append(
+            f"  dynamic sampling                  keep groups with 0 < correct < {g}; "
+            f"<= {cfg.algorithm.max_rounds} rounds of <= {per_round} prompts ({per_round * g} responses) each"
+        )
+    else:
+        lines.append("  dynamic sampling                  off (every sampled group is trained on)")
+    lines += [
+        f"  warm-up                           linear over {cfg.actor.warmup_steps} steps "
+        f"to lr {cfg.actor.lr:g}, then constant",
+        f"  total                             {cfg.trainer.total_steps} steps "
+        f"(<= {cfg.trainer.total_steps * updates} gradient updates)",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        print("# resolved config")
+        print(dump_config(cfg))
+        print(format_plan(cfg))
+        return 0
+    from dapo.trainer import train
+
+    train(cfg)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    from dapo.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(cfg, model_path=args.model, data_files=list(args.data), k=args.k)
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dapo.config import config_to_dict, field_docs
+
+    cfg = load_config(args.config, list(args.overrides))
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        docs = field_docs(type(value))
+        print(f"{section.name}:")
+        for name, v in config_to_dict(value).items():
+            print(f"  {name}: {v!r}")
+            if name in docs:
+                print(f"      # {docs[name]}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as e:
+        print(f"dapo: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The built-in arithmetic-reasoning task used by the embedded default run.
+
+Problems are short integer expressions phrased as text ("Compute 37 + 48 - 12."), with a target solution of one
+line per operation ending in the line the DAPO template asks for::
+
+    37 + 48 = 85
+    85 - 12 = 73
+    Answer: 73
+
+so the ``math_dapo`` verifier scores a correct solution 1.0. Three difficulty levels give a spread of accuracy for
+a tiny model, so that RL sees groups with 0 < correct < G at every level:
+
+- level 1: ``a + b`` or ``a - b`` with two-digit operands (one line of work);
+- level 2: three two-digit operands joined by ``+`` and ``-`` (two lines);
+- level 3: ``a × b`` of small factors, then ``+`` or ``-`` a two-digit number (two lines).
+
+Every intermediate and final value is a non-negative integer (subtractions are drawn so they never go below 0).
+
+The held-out split is disjoint from the training split by construction: a problem is held out iff a stable hash
+(SHA-256) of its canonical expression falls in a fixed bucket (``HELDOUT_PERCENT`` of 100), whatever the seed or
+phrasing; the training stream skips those problems. Generation is deterministic: the same seed and levels give
+the same problems, in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dapo.data.templates import apply_dapo_template
+
+if TYPE_CHECKING:
+    from dapo.data.dataset import Example
+
+__all__ = [
+    "DATA_SOURCE",
+    "HELDOUT_PERCENT",
+    "LEVELS",
+    "ArithmeticProblem",
+    "ArithmeticTask",
+    "is_heldout",
+]
+
+DATA_SOURCE = "arithmetic"
+"""The ``data_source`` of every example this task produces."""
+
+LEVELS: tuple[int, ...] = (1, 2, 3)
+"""The difficulty levels this task knows."""
+
+HELDOUT_PERCENT = 10
+"""Percentage of the problem space (by hash bucket) reserved for the held-out split."""
+
+# Phrasings of the problem text; the canonical expression (what the split hashes) does not depend on them.
+_PHRASINGS: tuple[str, ...] = ("Compute {expr}.", "What is {expr}?", "Calculate {expr}.")
+
+# Operators as written in problem text and solutions, and how they evaluate.
+_TIMES = "×"
+
+
+@dataclass(frozen=True)
+class ArithmeticProblem:
+    """One arithmetic problem with its templated prompt and its reference solution."""
+
+    uid: str
+    """Stable id derived from the canonical expression and phrasing ("arith-<12 hex>")."""
+    level: int
+    """Difficulty level (1 = easiest)."""
+    expression: str
+    """Canonical expression, e.g. ``"37 + 48 - 12"``; the held-out split hashes this."""
+    problem: str
+    """Problem text, e.g. ``"Compute 37 + 48 - 12."``."""
+    prompt: str
+    """The problem wrapped in the DAPO prompt template (the user message)."""
+    answer: str
+    """Ground-truth answer, an integer as a string."""
+    solution: str
+    """Target response: one line per operation, then ``Answer: N``."""
+
+    def messages(self) -> list[dict[str, str]]:
+        """Chat messages for this problem: a single user message holding the templated prompt."""
+        return [{"role": "user", "content": self.prompt}]
+
+
+def is_heldout(expression: str) -> bool:
+    """True iff the canonical ``expression`` belongs to the held-out split (a fixed SHA-256 bucket)."""
+    digest = hashlib.sha256(expression.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    """Evaluate one binary operation as written in the task text."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == _TIMES:
+        return a * b
+    # Guard: only the three operators above are ever generated.
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def _draw_terms(rng: random.Random, level: int) -> tuple[list[int], list[str]]:
+    """Draw the operands and operators of one problem of ``level`` (values stay non-negative)."""
+    if level == 1:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if rng.random() < 0.5:
+            return [a, b], ["+"]
+        # Subtraction: order the operands so the result is non-negative.
+        return [max(a, b), min(a, b)], ["-"]
+    if level == 2:
+        a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99)
+        ops = [rng.choice("+-"), rng.choice("+-")]
+        # Guard against negative intermediates: flip a subtraction that would go below zero into an addition.
+        if ops[0] == "-" and b > a:
+            a, b = b, a
+        first = _apply(a, ops[0], b)
+        if ops[1] == "-" and c > first:
+            ops[1] = "+"
+        return [a, b, c], ops
+    if level == 3:
+        a, b, c = rng.randint(2, 12), rng.randint(2, 12), rng.randint(10, 99)
+        op = rng.choice("+-")
+        # Guard against a negative result: subtract only when the product is at least c.
+        if op == "-" and c > a * b:
+            op = "+"
+        return [a, b, c], [_TIMES, op]
+    raise ValueError(f"unknown level {level}; known levels are {LEVELS}")
+
+
+def _solve(values: Sequence[int], ops: Sequence[str]) -> tuple[int, list[str]]:
+    """Evaluate left to right, returning the result and one ``x op y = z`` line per operation."""
+    acc = values[0]
+    lines: list[str] = []
+    for op, v in zip(ops, values[1:], strict=True):
+        nxt = _apply(acc, op, v)
+        lines.append(f"{acc} {op} {v} = {nxt}")
+        acc = nxt
+    return acc, lines
+
+
+def _make_problem(level: int, values: Sequence[int], ops: Sequence[str], phrasing: int) -> ArithmeticProblem:
+    """Assemble the problem text, prompt, answer and solution for one expression."""
+    parts = [str(values[0])]
+    for op, v in zip(ops, values[1:], strict=True):
+        parts += [op, str(v)]
+    expression = " ".join(parts)
+    problem = _PHRASINGS[phrasing].format(expr=expression)
+    result, lines = _solve(values, ops)
+    answer = str(result)
+    solution = "\n".join([*lines, f"Answer: {answer}"])
+    uid = "arith-" + hashlib.sha256(problem.encode("utf-8")).hexdigest()[:12]
+    return ArithmeticProblem(
+        uid=uid,
+        level=level,
+        expression=expression,
+        problem=problem,
+        prompt=apply_dapo_template(problem),
+        answer=answer,
+        solution=solution,
+    )
+
+
+def _draw_problem(rng: random.Random, level: int) -> ArithmeticProblem:
+    """Draw one problem of ``level`` (either split)."""
+    values, ops = _draw_terms(rng, level)
+    return _make_problem(level, values, ops, rng.randrange(len(_PHRASINGS)))
+
+
+class ArithmeticTask:
+    """Deterministic generator of arithmetic problems with disjoint training and held-out splits.
+
+    The training stream and the held-out set come from separate random streams seeded by ``seed``; levels are
+    drawn uniformly for training and in rotation for the held-out set (so each level is equally represented).
+    """
+
+    def __init__(self, seed: int = 0, levels: tuple[int, ...] = LEVELS) -> None:
+        """Create the task; ``levels`` is a non-empty subset of :data:`LEVELS`."""
+        # Guard: an empty or unknown level would make every draw fail much later with a less useful message.
+        if not levels or any(lv not in LEVELS for lv in levels):
+            raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {levels!r}")
+        self.seed = seed
+        self.levels = tuple(levels)
+
+    def iter_train(self) -> Iterator[ArithmeticProblem]:
+        """Endless stream of training problems (never held-out ones); repeats are possible."""
+        rng = random.Random(f"dapo-arithmetic-train-{self.seed}")
+        while True:
+            p = _draw_problem(rng, rng.choice(self.levels))
+            if not is_heldout(p.expression):
+                yield p
+
+    def train_problems(self, n: int) -> list[ArithmeticProblem]:
+        """The first ``n`` problems of :meth:`iter_train` (so a longer list extends a shorter one)."""
+        stream = self.iter_train()
+        return [next(stream) for _ in range(n)]
+
+    def heldout_problems(self, n: int) -> list[ArithmeticProblem]:
+        """``n`` distinct held-out problems, levels in rotation; the same for the same seed and levels."""
+        rng = random.Random(f"dapo-arithmetic-heldout-{self.seed}")
+        seen: set[str] = set()
+        out: list[ArithmeticProblem] = []
+        while len(out) < n:
+            level = self.levels[len(out) % len(self.levels)]
+            p = _draw_problem(rng, level)
+            # Keep only held-out expressions, each once (a repeated problem would overweight it in an average).
+            if is_heldout(p.expression) and p.expression not in seen:
+                seen.add(p.expression)
+                out.append(p)
+        return out
+
+    @staticmethod
+    def to_examples(problems: Sequence[ArithmeticProblem], split: str = "train") -> list[Example]:
+        """Convert problems to dataset :class:`~dapo.data.dataset.Example` rows (data_source "arithmetic")."""
+        from dapo.data.dataset import Example
+
+        return [
+            Example(
+                uid=p.uid,
+                messages=tuple(p.messages()),
+                answer=p.answer,
+                data_source=DATA_SOURCE,
+                source=f"synthetic:arithmetic:{split}",
+                row=i,
+            )
+            for i, p in enumerate(problems)
+        ]

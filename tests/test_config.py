@@ -1,0 +1,138 @@
+"""Config tree: defaults are the paper's, presets load, overrides and validation errors name what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dapo.cli import format_plan, main
+from dapo.config import (
+    PRESETS_DIR,
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    field_docs,
+    load_config,
+    parse_override,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_papers_settings() -> None:
+    cfg = Config()
+    assert (cfg.algorithm.eps_low, cfg.algorithm.eps_high) == (0.2, 0.28)
+    assert cfg.algorithm.dual_clip_c == 10.0
+    assert cfg.algorithm.loss_aggregation == "token-mean"
+    assert cfg.algorithm.dynamic_sampling and cfg.algorithm.max_rounds == 10
+    assert cfg.rollout.n == 16 and cfg.rollout.temperature == 1.0 and cfg.rollout.top_p == 1.0
+    assert cfg.rollout.max_response_length == 20480 and cfg.reward.overlong_cache_length == 4096
+    assert cfg.trainer.prompts_per_step == 512 and cfg.actor.mini_batch_size == 512
+    assert (cfg.actor.lr, cfg.actor.weight_decay, cfg.actor.grad_clip, cfg.actor.warmup_steps) == (
+        1e-6,
+        0.1,
+        1.0,
+        20,
+    )
+    assert (cfg.evaluation.k, cfg.evaluation.temperature, cfg.evaluation.top_p) == (32, 1.0, 0.7)
+    cfg.validate()
+
+
+def test_every_field_is_documented() -> None:
+    import dataclasses
+
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        cls = type(getattr(cfg, section.name))
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names == set(field_docs(cls)), f"undocumented fields in {section.name}"
+
+
+def test_paper_preset_encodes_the_paper_run() -> None:
+    cfg = load_config(REPO / "configs" / "dapo_qwen2.5_32b.yaml")
+    assert cfg.trainer.prompts_per_step == 512 and cfg.rollout.n == 16
+    assert cfg.actor.mini_batch_size == 512 and cfg.actor.epochs == 1
+    assert cfg.rollout.max_response_length == 20480 and cfg.reward.overlong_cache_length == 4096
+    assert cfg.data.max_prompt_length == 2048 and cfg.actor.lr == 1e-6 and cfg.actor.warmup_steps == 20
+    assert cfg.evaluation.top_p == 0.7 and cfg.evaluation.k == 32
+    # 512 prompts x 16 responses / 512 per mini-batch = 16 gradient updates per step, as the paper says
+    assert "gradient updates per step         16" in format_plan(cfg)
+
+
+def test_all_presets_load_and_round_trip(tmp_path: Path) -> None:
+    import yaml
+
+    for preset in sorted(PRESETS_DIR.glob("*.yaml")):
+        cfg = load_config(preset)
+        out = tmp_path / preset.name
+        out.write_text(dump_config(cfg))
+        assert config_from_dict(yaml.safe_load(out.read_text())) == cfg, preset.name
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(
+        "tiny", ["actor.lr=2e-6", "rollout.n=4", "algorithm.dual_clip_c=null", "actor.betas=[0.8,0.9]"]
+    )
+    assert cfg.actor.lr == 2e-6 and isinstance(cfg.actor.lr, float)
+    assert cfg.rollout.n == 4 and cfg.algorithm.dual_clip_c is None and cfg.actor.betas == (0.8, 0.9)
+    assert parse_override("data.train_files=a.parquet") == ("data.train_files", "a.parquet")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("actor.lrr=1", "unknown key 'actor.lrr' (did you mean 'lr'?)"),
+        ("actr.lr=1", "unknown key 'actr' (did you mean 'actor'?)"),
+        (
+            "rollout.engine=vlm",
+            "rollout.engine: invalid value 'vlm'; allowed: 'native', 'hf', 'vllm' (did you mean",
+        ),
+        ("actor.lr=abc", "actor.lr: expected a number, got 'abc'"),
+        ("rollout.n=0", "rollout.n: invalid value 0; allowed: an integer >= 1"),
+        ("rollout.top_p=1.5", "rollout.top_p: invalid value 1.5"),
+        ("algorithm.dual_clip_c=0.5", "algorithm.dual_clip_c: invalid value 0.5; allowed: a number > 1"),
+        ("rollout.n=2.5", "rollout.n: expected an integer, got 2.5"),
+        ("actor.mini_batch_size=100000", "actor.mini_batch_size: invalid value 100000"),
+        ("reward.overlong_cache_length=1000", "reward.overlong_cache_length: invalid value 1000"),
+        ("lr", "expected the form key.path=value"),
+    ],
+)
+def test_validation_errors_name_key_value_and_allowed(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert expected in str(err.value)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="neither a file nor a preset"):
+        load_config("tinny")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        load_config(wrong)
+
+
+def test_cli_dry_run_prints_config_and_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--config", str(REPO / "configs" / "dapo_qwen2.5_32b.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "eps_high: 0.28" in out
+    assert "responses trained per step        N x G = 8192" in out
+    assert "linear over 20 steps" in out
+
+
+def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--dry-run", "actor.lrr=1"]) == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+
+
+def test_cli_help_explains_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "dapo train" in out and "dapo eval" in out and "--dry-run" in out
