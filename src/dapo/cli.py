@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from dapo.config import Config, ConfigError, dump_config, load_config
+from dapo.config import DEFAULT_PRESET, Config, ConfigError, dump_config, load_config
 
 DESCRIPTION = """\
 dapo: reinforcement learning for language models with DAPO (arXiv 2503.14476).
@@ -112,6 +113,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
+    if not cfg.trainer.run_name:  # runs are named after their config: runs/tiny, runs/dapo_qwen2.5_32b, ...
+        cfg.trainer.run_name = Path(args.config).stem if args.config else DEFAULT_PRESET
     if args.dry_run:
         print("# resolved config")
         print(dump_config(cfg))

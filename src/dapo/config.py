@@ -244,7 +244,7 @@ class TrainerConfig:
     output_dir: str = "runs"
     """Parent directory of run directories."""
     run_name: str = ""
-    """Run directory name under output_dir ("" = a time stamp)."""
+    """Run directory name under output_dir ("" = the config's name, e.g. "tiny")."""
 
     def validate(self) -> None:
         _check(
@@ -299,8 +299,6 @@ class CheckpointConfig:
     """Keep the newest this many checkpoints."""
     resume: str = "none"
     """"none", "auto" (continue the newest complete checkpoint of the run directory) or a checkpoint path."""
-    save_hf: bool = True
-    """Also write a Hugging Face-format model directory (for transformers and `dapo eval`)."""
 
     def validate(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "an integer >= 0")

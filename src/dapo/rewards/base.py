@@ -48,11 +48,15 @@ def to_reward_result(value: object, source: str = "reward function") -> RewardRe
         return RewardResult(score, score > 0, "")
     if isinstance(value, Mapping):
         if "score" not in value:
-            raise TypeError(f"{source} returned a mapping without a 'score' key (keys: {sorted(map(str, value))})")
+            raise TypeError(
+                f"{source} returned a mapping without a 'score' key (keys: {sorted(map(str, value))})"
+            )
         raw_score = value["score"]
         # A bool score is accepted like a bool return; anything else must be a real number.
         if isinstance(raw_score, bool) or not isinstance(raw_score, numbers.Real):
-            raise TypeError(f"{source} returned 'score' of type {type(raw_score).__name__}; expected a real number")
+            raise TypeError(
+                f"{source} returned 'score' of type {type(raw_score).__name__}; expected a real number"
+            )
         score = _finite_score(raw_score, source)
         raw_acc = value.get("acc", score > 0)
         # bool("False") is True: a string here is a bug in the user function, not a verdict.
@@ -107,7 +111,9 @@ def load_reward_fn(spec: str) -> RewardFn:
         # getattr with a default so a missing name is reported as such, not as an AttributeError trace.
         obj = getattr(obj, part, _MISSING)
         if obj is _MISSING:
-            raise ValueError(f"reward function {spec!r}: module {module_name!r} has no attribute {attr_path!r}")
+            raise ValueError(
+                f"reward function {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
+            )
     if not callable(obj):
         raise ValueError(f"reward function {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
     return _wrap(obj, spec)
