@@ -1,0 +1,168 @@
+"""Builders shared by `dapo train` and `dapo eval`: device, policy + tokenizer, engine, prompt sets, scorer.
+
+Each turns one config section into a ready object, so the trainer loop and the evaluator stay short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dapo.config import DataConfig, ModelConfig, RewardConfig, RolloutConfig
+from dapo.data import Example, ReaderSettings, load_many
+from dapo.rewards import RewardPool
+from dapo.rollout.base import RolloutEngine
+
+BUILTIN_TASK = "arithmetic"
+ARITHMETIC_TRAIN_PROBLEMS = 50_000  # distinct training problems drawn from the task's endless stream
+ARITHMETIC_HELDOUT_PROBLEMS = 500
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_model_path(path: str, *, progress: bool = True) -> Path:
+    """A checkpoint directory; "tiny" builds (once, then cached) the built-in tiny model."""
+    if path == "tiny":
+        from dapo.models.tiny import ensure_tiny_model
+
+        return ensure_tiny_model(progress=progress)
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path {path!r}: no config.json there (expected a Hugging Face checkpoint dir)"
+        )
+    return p
+
+
+def load_policy(cfg: ModelConfig, *, path: str | None = None) -> tuple[nn.Module, Any, Path]:
+    """The policy model (on its device, in its dtype), its tokenizer, and the checkpoint directory."""
+    from dapo.models import load_pretrained, load_tokenizer
+
+    model_dir = resolve_model_path(path or cfg.path)
+    device = resolve_device(cfg.device)
+    model = load_pretrained(model_dir, dtype=cfg.dtype, device=device, implementation=cfg.implementation)
+    tokenizer = load_tokenizer(model_dir)
+    return model, tokenizer, model_dir
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return int(pad)
+
+
+def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The end-of-turn / end-of-sequence ids that end a response."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def make_engine(cfg: RolloutConfig, model: nn.Module, tokenizer: Any) -> RolloutEngine:
+    """The rollout engine named by `rollout.engine`, sharing the policy's weights where it can."""
+    if cfg.engine == "native":
+        from dapo.rollout.native import NativeEngine
+
+        return NativeEngine(
+            model,  # type: ignore[arg-type]
+            pad_token_id=pad_token_id(tokenizer),
+            max_batch_size=cfg.max_batch_size or None,
+        )
+    if cfg.engine == "hf":
+        from dapo.rollout.hf import HFEngine
+
+        return HFEngine(model, pad_token_id=pad_token_id(tokenizer))
+    raise ValueError(
+        f"rollout.engine {cfg.engine!r} needs the GPU extra (pip install 'dapo[gpu]') and a CUDA machine; "
+        "on this machine use 'native' or 'hf'"
+    )
+
+
+@dataclass
+class PromptSet:
+    """Examples with their chat-templated prompt token ids."""
+
+    examples: list[Example]
+    prompt_ids: list[list[int]]
+    num_too_long: int = 0
+
+    @property
+    def answers(self) -> list[str]:
+        return [e.answer for e in self.examples]
+
+    @property
+    def data_sources(self) -> list[str]:
+        return [e.data_source for e in self.examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_examples_for(files: Sequence[str], data: DataConfig, *, split: str, dedup: bool) -> list[Example]:
+    """Examples from files, where "arithmetic" is the built-in task (its train or held-out split)."""
+    examples: list[Example] = []
+    paths = [f for f in files if f != BUILTIN_TASK]
+    if BUILTIN_TASK in files:
+        from dapo.data.synthetic import ArithmeticTask
+
+        task = ArithmeticTask(seed=0)
+        if split == "train":
+            problems = task.train_problems(ARITHMETIC_TRAIN_PROBLEMS)
+        else:
+            problems = task.heldout_problems(ARITHMETIC_HELDOUT_PROBLEMS)
+        examples += ArithmeticTask.to_examples(problems, split)
+    if paths:
+        settings = ReaderSettings(
+            prompt_key=data.prompt_key,
+            answer_key=data.answer_key,
+            data_source_key=data.data_source_key,
+            apply_template=data.apply_template,
+            dedup=dedup,
+            strict=data.strict,
+        )
+        examples += load_many(paths, settings).examples
+    if dedup:
+        seen: set[str] = set()
+        unique = []
+        for e in examples:
+            if e.uid not in seen:
+                seen.add(e.uid)
+                unique.append(e)
+        examples = unique
+    return examples
+
+
+def tokenize_prompts(examples: list[Example], tokenizer: Any, max_prompt_length: int) -> PromptSet:
+    """Apply the tokenizer's chat template; prompts longer than `max_prompt_length` tokens are skipped,
+    counted."""
+    from dapo.models import apply_chat_template
+
+    kept: list[Example] = []
+    ids: list[list[int]] = []
+    too_long = 0
+    for e in examples:
+        tokens = apply_chat_template(tokenizer, e.chat_messages())
+        if len(tokens) > max_prompt_length:
+            too_long += 1
+            continue
+        kept.append(e)
+        ids.append(tokens)
+    return PromptSet(examples=kept, prompt_ids=ids, num_too_long=too_long)
+
+
+def make_reward_pool(cfg: RewardConfig) -> RewardPool:
+    return RewardPool(cfg.function, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s)

@@ -1,0 +1,232 @@
+"""The actor: log-probabilities in micro-batches and the DAPO policy update.
+
+One `Actor.update(batch)` is one training step's optimisation: the step's responses are split into
+mini-batches (`actor.mini_batch_size` responses, one optimizer step each) and each mini-batch into
+micro-batches (memory only). The loss of a mini-batch uses ONE global denominator computed from the whole
+mini-batch's mask (`algo.loss_denominator`), so summing the micro-batch losses gives exactly the mini-batch
+loss and the gradient does not depend on the micro-batch size (nor, later, on the number of data-parallel
+ranks). verl divides each micro-batch by its own token count instead; see paper.md, "What the public
+implementations got wrong".
+
+The schedule is the paper's: linear warm-up over `warmup_steps` training steps, then constant. A non-finite
+loss or gradient skips that optimizer step and leaves the weights unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dapo import algo
+from dapo.config import ActorConfig, AlgorithmConfig
+
+
+@dataclass
+class TrainBatch:
+    """A step's responses, packed as right-padded prompt+response rows.
+
+    Token-aligned tensors are `[B, T-1]`: position t describes target token `input_ids[:, t+1]`.
+    """
+
+    input_ids: Tensor  # [B, T] prompt + response, right-padded
+    attention_mask: Tensor  # [B, T] 1 = real token
+    response_mask: Tensor  # [B, T-1] 1 = a response token that enters the loss
+    advantages: Tensor  # [B] one value per response (Eq. 9)
+    rollout_logprobs: Tensor  # [B, T-1] the engine's log-probs of the sampled tokens (0 elsewhere)
+    old_logprobs: Tensor | None = None  # [B, T-1] the trainer's log-probs before the update
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def rows(self, index: slice) -> TrainBatch:
+        """A slice of rows, trimmed to the longest real sequence in it (less padding to compute on)."""
+        length = max(int(self.attention_mask[index].sum(dim=1).max().item()), 2)
+        old = self.old_logprobs
+        return TrainBatch(
+            input_ids=self.input_ids[index, :length],
+            attention_mask=self.attention_mask[index, :length],
+            response_mask=self.response_mask[index, : length - 1],
+            advantages=self.advantages[index],
+            rollout_logprobs=self.rollout_logprobs[index, : length - 1],
+            old_logprobs=None if old is None else old[index, : length - 1],
+        )
+
+    def to(self, device: torch.device) -> TrainBatch:
+        old = self.old_logprobs
+        return TrainBatch(
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            response_mask=self.response_mask.to(device),
+            advantages=self.advantages.to(device),
+            rollout_logprobs=self.rollout_logprobs.to(device),
+            old_logprobs=None if old is None else old.to(device),
+        )
+
+
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    """The paper's schedule as a LambdaLR factor: linear warm-up over `warmup_steps` steps, then 1."""
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+    return factor
+
+
+class Actor:
+    """Owns the policy's optimizer and schedule; computes log-probs and applies the DAPO update."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: ActorConfig,
+        algorithm: AlgorithmConfig,
+        *,
+        temperature: float,
+        max_response_length: int,
+    ) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.algorithm = algorithm
+        # log-probs are those of the sampling distribution: logits / T (greedy sampling has no T; use 1)
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.max_response_length = max_response_length
+        self.aggregation = algo.LossAggregation(algorithm.loss_aggregation)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.warmup_steps))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _micro_batches(self, batch: TrainBatch, start: int, stop: int) -> Iterator[TrainBatch]:
+        for lo in range(start, stop, self.cfg.micro_batch_size):
+            yield batch.rows(slice(lo, min(lo + self.cfg.micro_batch_size, stop))).to(self.device)
+
+    def _token_stats(self, mb: TrainBatch) -> algo.TokenStats:
+        logits = self.model(mb.input_ids, attention_mask=mb.attention_mask)  # [b, t, V]
+        return algo.token_stats_from_logits(
+            logits[:, :-1].float(), mb.input_ids[:, 1:], temperature=self.temperature
+        )
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> Tensor:
+        """The trainer's log-probs of every target token, `[B, T-1]` (0 outside responses), in
+        micro-batches."""
+        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+        for lo in range(0, len(batch), self.cfg.micro_batch_size):
+            mb = batch.rows(slice(lo, lo + self.cfg.micro_batch_size)).to(self.device)
+            logits = self.model(mb.input_ids, attention_mask=mb.attention_mask)
+            lp = algo.logprobs_from_logits(
+                logits[:, :-1].float(), mb.input_ids[:, 1:], temperature=self.temperature
+            )
+            t = lp.shape[1]
+            out[lo : lo + len(mb), :t] = (lp * mb.response_mask).cpu()
+        return out
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """One training step: `epochs` passes of mini-batch updates. Returns `actor/` metrics."""
+        assert batch.old_logprobs is not None, "compute old_logprobs before the update"
+        self.model.train()
+        sums: dict[str, float] = {}
+        tokens_seen = 0.0
+        grad_norms: list[float] = []
+        skipped = 0
+        n = len(batch)
+        for _ in range(self.cfg.epochs):
+            for start in range(0, n, self.cfg.mini_batch_size):
+                stop = min(start + self.cfg.mini_batch_size, n)
+                denom = algo.loss_denominator(
+                    self.aggregation,
+                    batch.response_mask[start:stop],
+                    max_response_length=self.max_response_length,
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_total = 0.0
+                for mb in self._micro_batches(batch, start, stop):
+                    loss, stats = self._micro_loss(mb, denom)
+                    loss.backward()  # type: ignore[no-untyped-call]
+                    loss_total += float(loss.detach())
+                    w = float(stats.pop("tokens"))
+                    tokens_seen += w
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v * w
+                gnorm = self._clip_gradients()
+                if not (math.isfinite(loss_total) and math.isfinite(gnorm)):
+                    # a non-finite loss or gradient would corrupt the weights and the Adam moments: skip the
+                    # step
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                self.optimizer.step()
+                grad_norms.append(gnorm)
+                sums["pg_loss"] = sums.get("pg_loss", 0.0) + loss_total
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():
+            # the schedule counts training steps, also one whose updates were all skipped (torch warns then)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        updates = len(grad_norms)
+        metrics = {f"actor/{k}": v / max(tokens_seen, 1.0) for k, v in sums.items() if k != "pg_loss"}
+        metrics["actor/pg_loss"] = sums.get("pg_loss", 0.0) / max(updates, 1)
+        metrics["actor/grad_norm"] = sum(grad_norms) / max(updates, 1)
+        metrics["actor/lr"] = lr
+        metrics["actor/updates"] = float(updates)
+        metrics["actor/skipped_updates"] = float(skipped)
+        return metrics
+
+    def _micro_loss(self, mb: TrainBatch, denominator: float) -> tuple[Tensor, dict[str, float]]:
+        assert mb.old_logprobs is not None
+        stats = self._token_stats(mb)
+        mask = mb.response_mask
+        is_weights = None
+        if self.algorithm.rollout_is_cap is not None:
+            is_weights = algo.truncated_is_weights(
+                mb.old_logprobs, mb.rollout_logprobs, cap=self.algorithm.rollout_is_cap
+            )
+        out = algo.policy_loss(
+            stats.logprobs,
+            mb.old_logprobs,
+            mb.advantages,
+            mask,
+            eps_low=self.algorithm.eps_low,
+            eps_high=self.algorithm.eps_high,
+            dual_clip_c=self.algorithm.dual_clip_c,
+            is_weights=is_weights,
+        )
+        loss = algo.aggregate_loss(out.token_loss, mask, self.aggregation, denominator)
+        with torch.no_grad():
+            metrics = {
+                "tokens": float(mask.sum()),
+                "entropy": float(algo.masked_mean(stats.entropy, mask)),
+                "token_prob": float(algo.masked_mean(stats.probs, mask)),
+                "clip_frac_upper": float(out.clip_frac_upper),
+                "clip_frac_lower": float(out.clip_frac_lower),
+                "dual_clip_frac": float(out.dual_clip_frac),
+                "approx_kl": float(out.approx_kl),
+                "ratio_mean": float(out.ratio_mean),
+            }
+        return loss, metrics
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def state_dict(self) -> dict[str, object]:
+        """Optimizer and schedule state (the weights are saved by the checkpoint module)."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.scheduler.load_state_dict(state["scheduler"])  # type: ignore[arg-type]

@@ -1,0 +1,168 @@
+"""Dynamic sampling with a scripted engine: what is kept, how rounds are sized, carry-over, exhaustion."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+from dapo.collect import CollectSettings, Collector, Group, make_train_batch
+from dapo.data import PromptSampler
+from dapo.rewards import RewardPool
+from dapo.rollout.base import Completion, SamplingParams
+
+CORRECT, WRONG = 1, 2  # token ids the fake decode turns into a right / wrong final answer
+
+
+class ScriptedEngine:
+    """Prompt `[e]` (example e) gets `correct[e]` correct responses out of n; records each round's prompts."""
+
+    def __init__(self, correct: list[int], length: int = 3) -> None:
+        self.correct = correct
+        self.length = length
+        self.rounds: list[list[int]] = []
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        self.rounds.append([p[0] for p in prompts])
+        out = []
+        for i, p in enumerate(prompts):
+            for j in range(sampling.n):
+                tok = CORRECT if j < self.correct[p[0]] else WRONG
+                ids = [tok] * self.length
+                out.append(Completion(i, ids, [-0.5] * self.length, "stop"))
+        return out
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+
+def decode(ids: list[int]) -> str:
+    return "Answer: 7" if ids and ids[0] == CORRECT else "Answer: 8"
+
+
+def make_collector(
+    correct: list[int], n: int, *, g: int = 4, max_epochs: int | None = None, **settings: object
+) -> tuple[Collector, ScriptedEngine]:
+    engine = ScriptedEngine(correct)
+    pool = RewardPool("math_dapo", num_workers=0)
+    collector = Collector(
+        engine,
+        prompts=[[e] for e in range(len(correct))],
+        answers=["7"] * len(correct),
+        data_sources=["toy"] * len(correct),
+        sampler=PromptSampler(len(correct), seed=0, shuffle=False, max_epochs=max_epochs),
+        scorer=pool.score,
+        decode=decode,
+        sampling=SamplingParams(n=g, max_tokens=8),
+        settings=CollectSettings(groups_per_step=n, **{"soft_overlong_punishment": False, **settings}),  # type: ignore[arg-type]
+        seed=0,
+    )
+    return collector, engine
+
+
+def test_keeps_only_mixed_groups_and_reports_the_prefilter_picture() -> None:
+    # examples 0..5 with 4, 0, 2, 1, 4, 3 correct of G=4: mixed are 2, 3, 5
+    collector, engine = make_collector([4, 0, 2, 1, 4, 3], n=2, max_oversample=3.0)
+    out = collector.collect(step=1)
+    # round 1: keep-rate estimate 1.0 → 2 prompts (0, 1): both unanimous, nothing kept
+    # round 2: measured rate 0/2 → bounded by max_oversample: 2 x 3 = 6 prompts, but only 4 are left this epoch
+    #          and the sampler wraps: 2, 3, 4, 5, 0, 1 → keeps 2, 3, 5 → 2 in the batch, 1 carried
+    assert engine.rounds == [[0, 1], [2, 3, 4, 5, 0, 1]]
+    assert [g.example_index for g in out.groups] == [2, 3]
+    assert [g.example_index for g in collector.carried] == [5]
+    m = out.metrics
+    assert m["filter/rounds"] == 2 and m["filter/groups_generated"] == 8
+    # all-correct: 0, 4, 0 → 3/8; all-wrong: 1, 1 → 2/8; kept 3/8
+    assert m["filter/all_correct_frac"] == pytest.approx(3 / 8)
+    assert m["filter/all_wrong_frac"] == pytest.approx(2 / 8)
+    assert m["filter/kept_frac"] == pytest.approx(3 / 8)
+    # accuracy before filtering: (4+0+2+1+4+3+4+0)/32
+    assert m["filter/acc_before"] == pytest.approx(18 / 32)
+    assert m["filter/rollouts_per_kept_group"] == pytest.approx(32 / 3)
+    assert m["filter/carried_out"] == 1 and m["filter/skipped_step"] == 0
+
+
+def test_surplus_is_carried_into_the_next_step_and_sizes_rounds_from_the_keep_rate() -> None:
+    collector, engine = make_collector([4, 0, 2, 1, 4, 3], n=2)
+    collector.collect(step=1)
+    out = collector.collect(step=2)
+    # the carried group 5 (from step 1, age 1) fills one slot; one more is needed
+    assert out.groups[0].example_index == 5 and out.groups[0].step == 1
+    assert out.metrics["filter/carried_in"] == 1
+    assert out.metrics["filter/carried_age_mean"] == pytest.approx(0.5)
+    # keep-rate estimate after step 1: decayed counts 0.7*2 + 6 = 7.4 generated, 0.7*0 + 3 = 3 kept
+    # → rate 3/7.4 = 0.405 → ceil(1 / 0.405) = 3 prompts: 2, 3, 4 (2 and 3 are kept)
+    assert engine.rounds[-1] == [2, 3, 4]
+    assert [g.example_index for g in out.groups] == [5, 2]
+    assert [g.example_index for g in collector.carried] == [3]
+
+
+def test_stale_carried_groups_are_dropped() -> None:
+    collector, _ = make_collector([2, 2, 2, 2], n=1)
+    collector.carried = [
+        Group(0, "toy", [0], [[1]], [[0.0]], [False], [True], [1.0], step=1),
+    ]
+    out = collector.collect(step=3)  # two steps later: too stale, regenerated instead
+    assert all(g.step == 3 for g in out.groups)
+
+
+def test_data_exhaustion_trains_on_a_partial_batch_or_skips_without_raising() -> None:
+    # one epoch of 4 examples, only 2 informative; N = 3
+    collector, _ = make_collector([2, 4, 1, 0], n=3, max_epochs=1, min_keep_fraction=0.5)
+    out = collector.collect(step=1)
+    assert len(out.groups) == 2 and out.metrics["filter/data_exhausted"] == 1
+    out = collector.collect(step=2)  # nothing left at all
+    assert out.skipped and out.metrics["filter/skipped_step"] == 1
+
+    collector, _ = make_collector([2, 4, 4, 0], n=3, max_epochs=1, min_keep_fraction=0.5)
+    out = collector.collect(step=1)  # 1 of 3 < 0.5 x 3: skip the update, keep the group for later
+    assert out.skipped and [g.example_index for g in collector.carried] == [0]
+
+
+def test_max_rounds_bounds_generation() -> None:
+    collector, engine = make_collector([0, 4, 0, 4], n=2, max_rounds=3)
+    out = collector.collect(step=1)
+    assert len(engine.rounds) == 3 and out.skipped
+
+
+def test_without_dynamic_sampling_every_group_is_kept() -> None:
+    collector, engine = make_collector([4, 0, 2, 1], n=3, dynamic_sampling=False)
+    out = collector.collect(step=1)
+    assert engine.rounds == [[0, 1, 2]] and [g.example_index for g in out.groups] == [0, 1, 2]
+
+
+def test_soft_overlong_punishment_shapes_the_reward_but_not_the_filter() -> None:
+    collector, _ = make_collector([4, 2], n=1, soft_overlong_punishment=True)
+    collector.s.max_response_length = 4
+    collector.s.overlong_cache_length = 2  # length 3 is 1 token into the buffer: penalty (2 - 3) / 2 = -0.5
+    out = collector.collect(step=1)
+    (group,) = out.groups
+    assert group.example_index == 1  # the all-correct group 0 is filtered on acc although its rewards are 0.5
+    assert group.rewards == [0.5, 0.5, -1.5, -1.5]
+
+
+def test_collector_state_round_trip_continues_exactly() -> None:
+    a, _ = make_collector([4, 0, 2, 1, 4, 3], n=2)
+    a.collect(step=1)
+    b, _ = make_collector([4, 0, 2, 1, 4, 3], n=2)
+    b.load_state_dict(a.state_dict())
+    for step in (2, 3, 4):
+        ga, gb = a.collect(step), b.collect(step)
+        assert ga.groups == gb.groups and ga.metrics == gb.metrics
+
+
+def test_make_train_batch_packs_rows_and_advantages() -> None:
+    g1 = Group(
+        0, "toy", [5, 6], [[7], [8, 9]], [[-0.1], [-0.2, -0.3]], [False, True], [True, False], [1.0, -1.0], 1
+    )
+    batch = make_train_batch([g1], pad_token_id=0, overlong_filter=False)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    # target t is input_ids[t + 1]; response tokens start at index 2 → mask positions 1.. of [B, T-1]
+    assert batch.response_mask.tolist() == [[0, 1, 0], [0, 1, 1]]
+    torch.testing.assert_close(batch.rollout_logprobs, torch.tensor([[0, -0.1, 0], [0, -0.2, -0.3]]))
+    # rewards (1, -1): mean 0, Bessel std sqrt(2) → ±1/sqrt(2) (eps 1e-6 is negligible)
+    assert batch.advantages.tolist() == pytest.approx([0.7071063, -0.7071063], abs=1e-6)
+    filtered = make_train_batch([g1], pad_token_id=0, overlong_filter=True)
+    assert filtered.response_mask.tolist() == [[0, 1, 0], [0, 0, 0]]  # the truncated response leaves the loss

@@ -1,0 +1,163 @@
+"""The actor's update: exact micro-batch invariance, the schedule, non-finite guards, direction of the update."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dapo.config import ActorConfig, AlgorithmConfig
+from dapo.models import CausalLM, ModelArgs
+from dapo.train import Actor, TrainBatch, warmup_constant
+
+
+def tiny_model(seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    args = ModelArgs(
+        architecture="Qwen2ForCausalLM",
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        qkv_bias=True,
+        tie_word_embeddings=True,
+    )
+    return CausalLM(args).float()
+
+
+def random_batch(b: int = 8, seed: int = 1) -> TrainBatch:
+    """Rows of different prompt and response lengths, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens = torch.randint(2, 6, (b,), generator=g)
+    resp_lens = torch.randint(1, 9, (b,), generator=g)
+    t = int((prompt_lens + resp_lens).max())
+    input_ids = torch.zeros((b, t), dtype=torch.long)
+    attention_mask = torch.zeros((b, t), dtype=torch.long)
+    response_mask = torch.zeros((b, t - 1))
+    for i in range(b):
+        p, r = int(prompt_lens[i]), int(resp_lens[i])
+        input_ids[i, : p + r] = torch.randint(1, 48, (p + r,), generator=g)
+        attention_mask[i, : p + r] = 1
+        response_mask[i, p - 1 : p - 1 + r] = 1
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        advantages=torch.randn(b, generator=g),
+        rollout_logprobs=torch.zeros((b, t - 1)),
+    )
+
+
+def make_actor(
+    model: CausalLM, micro: int, mini: int = 4, aggregation: str = "token-mean", lr: float = 1e-2
+) -> Actor:
+    cfg = ActorConfig(lr=lr, warmup_steps=0, mini_batch_size=mini, micro_batch_size=micro, weight_decay=0.1)
+    algo_cfg = AlgorithmConfig(loss_aggregation=aggregation)  # type: ignore[arg-type]
+    return Actor(model, cfg, algo_cfg, temperature=1.0, max_response_length=8)
+
+
+class PerMicroBatchNormalisedActor(Actor):
+    """verl's default: each micro-batch divided by its OWN token count (the bug the global denominator fixes)."""
+
+    def _micro_loss(self, mb: TrainBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+        share = float(mb.response_mask.sum()) / denominator  # fraction of the mini-batch's tokens in this one
+        n_micro = -(-self.cfg.mini_batch_size // self.cfg.micro_batch_size)
+        return super()._micro_loss(mb, denominator * share * n_micro)
+
+
+def run_update(
+    base: CausalLM, batch: TrainBatch, micro: int, aggregation: str, cls: type[Actor] = Actor
+) -> dict:
+    """A real update (two mini-batches of 4 -> two AdamW steps) at the paper's lr 1e-6; returns the weights."""
+    model = copy.deepcopy(base)
+    cfg = ActorConfig(lr=1e-6, warmup_steps=0, mini_batch_size=4, micro_batch_size=micro, weight_decay=0.1)
+    actor = cls(
+        model, cfg, AlgorithmConfig(loss_aggregation=aggregation), temperature=1.0, max_response_length=8
+    )  # type: ignore[arg-type]
+    # old log-probs perturbed so that ratios differ from 1 and some tokens clip
+    noise = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(5))
+    batch.old_logprobs = actor.compute_logprobs(batch) + 0.3 * batch.response_mask * noise
+    assert actor.update(batch)["actor/updates"] == 2
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+def test_update_is_identical_for_any_micro_batch_size(aggregation: str) -> None:
+    base, batch = tiny_model(), random_batch()
+    whole = run_update(base, batch, micro=4, aggregation=aggregation)
+    moved = max(float((whole[k] - v).abs().max()) for k, v in base.state_dict().items())
+    assert moved > 1e-7  # the update really changed the weights (AdamW's first step moves them by ~lr)
+    for micro in (1, 3):
+        params = run_update(base, batch, micro=micro, aggregation=aggregation)
+        for name in whole:
+            torch.testing.assert_close(params[name], whole[name], rtol=1e-6, atol=1e-9)
+
+
+def test_per_micro_batch_normalisation_would_be_caught() -> None:
+    """The invariance test above can fail: verl's per-micro-batch token-mean changes the update."""
+    base, batch = tiny_model(), random_batch()
+    whole = run_update(base, batch, micro=4, aggregation="token-mean", cls=PerMicroBatchNormalisedActor)
+    split = run_update(base, batch, micro=1, aggregation="token-mean", cls=PerMicroBatchNormalisedActor)
+    worst = max(float(((split[k] - whole[k]).abs() / whole[k].abs().clamp_min(1e-9)).max()) for k in whole)
+    assert worst > 1e-4
+
+
+def test_positive_advantage_raises_the_sampled_tokens_probability() -> None:
+    model = tiny_model()
+    batch = random_batch(b=2)
+    batch.advantages = torch.tensor([1.0, -1.0])
+    actor = make_actor(model, micro=2, mini=2)
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    before = batch.old_logprobs.clone()
+    actor.update(batch)
+    after = actor.compute_logprobs(batch)
+    mask = batch.response_mask.bool()
+    assert after[0][mask[0]].sum() > before[0][mask[0]].sum()
+    assert after[1][mask[1]].sum() < before[1][mask[1]].sum()
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_the_weights() -> None:
+    model = tiny_model()
+    batch = random_batch(b=4)
+    actor = make_actor(model, micro=2, mini=4)
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    batch.advantages = torch.tensor([1.0, float("nan"), -1.0, 0.5])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = actor.update(batch)
+    assert metrics["actor/skipped_updates"] == 1 and metrics["actor/updates"] == 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not actor.optimizer.state  # Adam's moments were not touched either
+
+
+def test_linear_warmup_then_constant() -> None:
+    f = warmup_constant(4)
+    assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_constant(0)(0) == 1.0
+    model = tiny_model()
+    cfg = ActorConfig(lr=1e-3, warmup_steps=2, mini_batch_size=4, micro_batch_size=4)
+    actor = Actor(model, cfg, AlgorithmConfig(), temperature=1.0, max_response_length=8)
+    batch = random_batch(b=4)
+    batch.old_logprobs = actor.compute_logprobs(batch)
+    lrs = [actor.update(batch)["actor/lr"] for _ in range(3)]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_compute_logprobs_matches_a_direct_forward() -> None:
+    model = tiny_model()
+    batch = random_batch(b=3)
+    actor = make_actor(model, micro=2)
+    actor.temperature = 0.7
+    got = actor.compute_logprobs(batch)
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)
+        expected = torch.log_softmax(logits[:, :-1] / 0.7, dim=-1).gather(-1, batch.input_ids[:, 1:, None])[
+            ..., 0
+        ]
+    torch.testing.assert_close(got, expected * batch.response_mask, rtol=1e-5, atol=1e-5)
