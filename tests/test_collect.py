@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from dapo.collect import CollectSettings, Collector, Group, make_train_batch
+from dapo.collect import Collector, CollectSettings, Group, make_train_batch
 from dapo.data import PromptSampler
 from dapo.rewards import RewardPool
 from dapo.rollout.base import Completion, SamplingParams
@@ -55,7 +55,10 @@ def make_collector(
         scorer=pool.score,
         decode=decode,
         sampling=SamplingParams(n=g, max_tokens=8),
-        settings=CollectSettings(groups_per_step=n, **{"soft_overlong_punishment": False, **settings}),  # type: ignore[arg-type]
+        settings=CollectSettings(
+            groups_per_step=n,
+            **{"soft_overlong_punishment": False, **settings},  # type: ignore[arg-type]
+        ),
         seed=0,
     )
     return collector, engine
@@ -66,7 +69,7 @@ def test_keeps_only_mixed_groups_and_reports_the_prefilter_picture() -> None:
     collector, engine = make_collector([4, 0, 2, 1, 4, 3], n=2, max_oversample=3.0)
     out = collector.collect(step=1)
     # round 1: keep-rate estimate 1.0 → 2 prompts (0, 1): both unanimous, nothing kept
-    # round 2: measured rate 0/2 → bounded by max_oversample: 2 x 3 = 6 prompts, but only 4 are left this epoch
+    # round 2: measured rate 0/2 → bounded by max_oversample: 2 x 3 = 6 prompts; 4 are left this epoch
     #          and the sampler wraps: 2, 3, 4, 5, 0, 1 → keeps 2, 3, 5 → 2 in the batch, 1 carried
     assert engine.rounds == [[0, 1], [2, 3, 4, 5, 0, 1]]
     assert [g.example_index for g in out.groups] == [2, 3]

@@ -71,7 +71,7 @@ def test_every_row_gets_k_samples_and_repeated_rows_are_kept() -> None:
     )  # fmt: skip
     assert engine.calls == [3, 1]
     # avg: (0 + 1/4 + 2/4 + 2/4) / 4 rows; pass: (0 + 1 + 1 + 1) / 4
-    # maj: row 0 all wrong, row 1 three of four wrong → 0; rows 2, 3 tie 2:2, the correct "7" was seen first → 1
+    # maj: row 0 all wrong, row 1 three of four wrong → 0; rows 2, 3 tie 2:2, correct "7" seen first → 1
     assert m["eval/x/avg@4"] == pytest.approx(1.25 / 4)
     assert m["eval/x/pass@4"] == 0.75 and m["eval/x/rows"] == 4
     assert m["eval/x/maj@4"] == 0.5

@@ -1,4 +1,4 @@
-"""The actor's update: exact micro-batch invariance, the schedule, non-finite guards, direction of the update."""
+"""The actor's update: exact micro-batch invariance, the schedule, non-finite guards, update direction."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def make_actor(
 
 
 class PerMicroBatchNormalisedActor(Actor):
-    """verl's default: each micro-batch divided by its OWN token count (the bug the global denominator fixes)."""
+    """verl's default: each micro-batch divided by its OWN token count (what the global count fixes)."""
 
     def _micro_loss(self, mb: TrainBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
         share = float(mb.response_mask.sum()) / denominator  # fraction of the mini-batch's tokens in this one
@@ -72,7 +72,7 @@ class PerMicroBatchNormalisedActor(Actor):
 def run_update(
     base: CausalLM, batch: TrainBatch, micro: int, aggregation: str, cls: type[Actor] = Actor
 ) -> dict:
-    """A real update (two mini-batches of 4 -> two AdamW steps) at the paper's lr 1e-6; returns the weights."""
+    """A real update (two mini-batches of 4: two AdamW steps) at the paper's lr 1e-6; the weights."""
     model = copy.deepcopy(base)
     cfg = ActorConfig(lr=1e-6, warmup_steps=0, mini_batch_size=4, micro_batch_size=micro, weight_decay=0.1)
     actor = cls(

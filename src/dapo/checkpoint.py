@@ -15,8 +15,8 @@ Layout of `<run_dir>/checkpoints/step_000020/`:
 from __future__ import annotations
 
 import json
-import pickle
 import os
+import pickle
 import re
 import shutil
 import warnings

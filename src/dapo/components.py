@@ -20,7 +20,7 @@ from dapo.rollout.base import RolloutEngine
 
 BUILTIN_TASK = "arithmetic"
 ARITHMETIC_TRAIN_PROBLEMS = 50_000  # distinct training problems drawn from the task's endless stream
-ARITHMETIC_HELDOUT_PROBLEMS = 500
+ARITHMETIC_HELDOUT_PROBLEMS = 300
 
 
 def resolve_device(name: str) -> torch.device:

@@ -152,7 +152,7 @@ class Actor:
                 loss_total = 0.0
                 for mb in self._micro_batches(batch, start, stop):
                     loss, stats = self._micro_loss(mb, denom)
-                    loss.backward()  # type: ignore[no-untyped-call]
+                    loss.backward()
                     loss_total += float(loss.detach())
                     w = float(stats.pop("tokens"))
                     tokens_seen += w
@@ -178,7 +178,7 @@ class Actor:
         metrics = {f"actor/{k}": v / max(tokens_seen, 1.0) for k, v in sums.items() if k != "pg_loss"}
         metrics["actor/pg_loss"] = sums.get("pg_loss", 0.0) / max(updates, 1)
         metrics["actor/grad_norm"] = sum(grad_norms) / max(updates, 1)
-        metrics["actor/lr"] = lr
+        metrics["actor/lr"] = float(lr)
         metrics["actor/updates"] = float(updates)
         metrics["actor/skipped_updates"] = float(skipped)
         return metrics

@@ -1,25 +1,28 @@
 """The built-in arithmetic-reasoning task used by the embedded default run.
 
-Problems are short integer expressions phrased as text ("Compute 37 + 48 - 12."), with a target solution of one
-line per operation ending in the line the DAPO template asks for::
+Problems are short integer expressions phrased as text ("Compute 17 + 8 - 12."), with a target solution of
+one line per operation, then the line the DAPO template asks for::
 
-    37 + 48 = 85
-    85 - 12 = 73
-    Answer: 73
+    17 + 8 = 25
+    25 - 12 = 13
+    Answer: 13
 
-so the ``math_dapo`` verifier scores a correct solution 1.0. Three difficulty levels give a spread of accuracy for
-a tiny model, so that RL sees groups with 0 < correct < G at every level:
+so the ``math_dapo`` verifier scores a correct solution 1.0. Three difficulty levels give a spread of
+accuracy for a tiny model, so that RL sees groups with 0 < correct < G at every level:
 
-- level 1: ``a + b`` or ``a - b`` with two-digit operands (one line of work);
-- level 2: three two-digit operands joined by ``+`` and ``-`` (two lines);
-- level 3: ``a × b`` of small factors, then ``+`` or ``-`` a two-digit number (two lines).
+- level 1: ``a + b`` or ``a - b`` (one line of work);
+- level 2: three operands joined by ``+`` and ``-`` (two lines);
+- level 3: ``a × b`` of one-digit factors, then ``+`` or ``-`` an operand (two lines).
 
-Every intermediate and final value is a non-negative integer (subtractions are drawn so they never go below 0).
+Every intermediate and final value is a non-negative integer (subtractions are drawn so they never go
+below 0).
 
-The held-out split is disjoint from the training split by construction: a problem is held out iff a stable hash
-(SHA-256) of its canonical expression falls in a fixed bucket (``HELDOUT_PERCENT`` of 100), whatever the seed or
-phrasing; the training stream skips those problems. Generation is deterministic: the same seed and levels give
-the same problems, in the same order.
+The held-out split is disjoint from the training split by construction: a problem is held out iff a stable
+hash (SHA-256) of its canonical expression falls in a fixed bucket (``HELDOUT_PERCENT`` of 100), whatever the
+seed or phrasing; the training stream skips those problems. Held-out problems are unseen as a whole, but
+their single steps (``17 + 8 = 25``) also occur inside training problems, so a model can solve them by
+composing what it learned. Generation is deterministic: the same seed and levels give the same problems, in
+the same order.
 """
 
 from __future__ import annotations
@@ -28,12 +31,9 @@ import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from dapo.data.dataset import Example, Message, prompt_uid
 from dapo.data.templates import apply_dapo_template
-
-if TYPE_CHECKING:
-    from dapo.data.dataset import Example
 
 __all__ = [
     "DATA_SOURCE",
@@ -56,6 +56,15 @@ HELDOUT_PERCENT = 10
 # Phrasings of the problem text; the canonical expression (what the split hashes) does not depend on them.
 _PHRASINGS: tuple[str, ...] = ("Compute {expr}.", "What is {expr}?", "Calculate {expr}.")
 
+# Inclusive ranges: the first operand of levels 1-2, every later added or subtracted operand, the factors of
+# level 3. The first operand is at least the largest later operand, so a first subtraction never goes below 0.
+_FIRST_RANGE = (10, 99)
+_OPERAND_RANGE = (1, 9)
+_FACTOR_RANGE = (2, 9)
+
+# Consecutive draws without a new held-out problem after which the held-out space counts as exhausted.
+_MAX_HELDOUT_MISSES = 50_000
+
 # Operators as written in problem text and solutions, and how they evaluate.
 _TIMES = "×"
 
@@ -64,8 +73,6 @@ _TIMES = "×"
 class ArithmeticProblem:
     """One arithmetic problem with its templated prompt and its reference solution."""
 
-    uid: str
-    """Stable id derived from the canonical expression and phrasing ("arith-<12 hex>")."""
     level: int
     """Difficulty level (1 = easiest)."""
     expression: str
@@ -105,29 +112,22 @@ def _apply(a: int, op: str, b: int) -> int:
 def _draw_terms(rng: random.Random, level: int) -> tuple[list[int], list[str]]:
     """Draw the operands and operators of one problem of ``level`` (values stay non-negative)."""
     if level == 1:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        if rng.random() < 0.5:
-            return [a, b], ["+"]
-        # Subtraction: order the operands so the result is non-negative.
-        return [max(a, b), min(a, b)], ["-"]
-    if level == 2:
-        a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99)
+        values, ops = [rng.randint(*_FIRST_RANGE), rng.randint(*_OPERAND_RANGE)], [rng.choice("+-")]
+    elif level == 2:
+        values = [rng.randint(*_FIRST_RANGE), rng.randint(*_OPERAND_RANGE), rng.randint(*_OPERAND_RANGE)]
         ops = [rng.choice("+-"), rng.choice("+-")]
-        # Guard against negative intermediates: flip a subtraction that would go below zero into an addition.
-        if ops[0] == "-" and b > a:
-            a, b = b, a
-        first = _apply(a, ops[0], b)
-        if ops[1] == "-" and c > first:
-            ops[1] = "+"
-        return [a, b, c], ops
-    if level == 3:
-        a, b, c = rng.randint(2, 12), rng.randint(2, 12), rng.randint(10, 99)
-        op = rng.choice("+-")
-        # Guard against a negative result: subtract only when the product is at least c.
-        if op == "-" and c > a * b:
-            op = "+"
-        return [a, b, c], [_TIMES, op]
-    raise ValueError(f"unknown level {level}; known levels are {LEVELS}")
+    elif level == 3:
+        values = [rng.randint(*_FACTOR_RANGE), rng.randint(*_FACTOR_RANGE), rng.randint(*_OPERAND_RANGE)]
+        ops = [_TIMES, rng.choice("+-")]
+    else:
+        raise ValueError(f"unknown level {level}; known levels are {LEVELS}")
+    # Guard against negative values: a first subtraction takes the larger operand first, a later one that
+    # would go below zero becomes an addition.
+    if ops[0] == "-" and values[1] > values[0]:
+        values[0], values[1] = values[1], values[0]
+    if len(ops) > 1 and ops[1] == "-" and values[2] > _apply(values[0], ops[0], values[1]):
+        ops[1] = "+"
+    return values, ops
 
 
 def _solve(values: Sequence[int], ops: Sequence[str]) -> tuple[int, list[str]]:
@@ -151,9 +151,7 @@ def _make_problem(level: int, values: Sequence[int], ops: Sequence[str], phrasin
     result, lines = _solve(values, ops)
     answer = str(result)
     solution = "\n".join([*lines, f"Answer: {answer}"])
-    uid = "arith-" + hashlib.sha256(problem.encode("utf-8")).hexdigest()[:12]
     return ArithmeticProblem(
-        uid=uid,
         level=level,
         expression=expression,
         problem=problem,
@@ -198,32 +196,54 @@ class ArithmeticTask:
         return [next(stream) for _ in range(n)]
 
     def heldout_problems(self, n: int) -> list[ArithmeticProblem]:
-        """``n`` distinct held-out problems, levels in rotation; the same for the same seed and levels."""
+        """``n`` distinct held-out problems, levels in rotation; the same for the same seed and levels.
+
+        A level whose held-out space runs out (level 1 has a few hundred problems) leaves the rotation and the
+        others fill the rest; ``ValueError`` if all of them run out.
+        """
         rng = random.Random(f"dapo-arithmetic-heldout-{self.seed}")
         seen: set[str] = set()
         out: list[ArithmeticProblem] = []
+        rotation = list(self.levels)
+        misses = 0
         while len(out) < n:
-            level = self.levels[len(out) % len(self.levels)]
+            level = rotation[len(out) % len(rotation)]
             p = _draw_problem(rng, level)
-            # Keep only held-out expressions, each once (a repeated problem would overweight it in an average).
+            # Keep only held-out expressions, each once (a repeat would overweight it in an average).
             if is_heldout(p.expression) and p.expression not in seen:
                 seen.add(p.expression)
                 out.append(p)
+                misses = 0
+                continue
+            misses += 1
+            # A level that yields nothing new for this long has no held-out problem left: drop it.
+            if misses > _MAX_HELDOUT_MISSES:
+                rotation.remove(level)
+                misses = 0
+                # Guard: with every level exhausted the loop would never end.
+                if not rotation:
+                    raise ValueError(f"the held-out split has only {len(out)} problems; asked for {n}")
         return out
 
     @staticmethod
     def to_examples(problems: Sequence[ArithmeticProblem], split: str = "train") -> list[Example]:
-        """Convert problems to dataset :class:`~dapo.data.dataset.Example` rows (data_source "arithmetic")."""
-        from dapo.data.dataset import Example
+        """Convert problems to dataset :class:`~dapo.data.dataset.Example` rows.
 
-        return [
-            Example(
-                uid=p.uid,
-                messages=tuple(p.messages()),
-                answer=p.answer,
-                data_source=DATA_SOURCE,
-                source=f"synthetic:arithmetic:{split}",
-                row=i,
+        ``data_source`` is "arithmetic", ``source`` is "arithmetic:<split>" (there is no file) and ``row`` is
+        the index in ``problems``; the uid is the dataset's prompt hash, so equal prompts deduplicate as in
+        files.
+        """
+        out: list[Example] = []
+        for i, p in enumerate(problems):
+            messages = tuple(Message(role=m["role"], content=m["content"]) for m in p.messages())
+            out.append(
+                Example(
+                    uid=prompt_uid(messages),
+                    messages=messages,
+                    answer=p.answer,
+                    data_source=DATA_SOURCE,
+                    source=f"{DATA_SOURCE}:{split}",
+                    row=i,
+                )
             )
-            for i, p in enumerate(problems)
-        ]
+        return out

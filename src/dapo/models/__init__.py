@@ -1,0 +1,30 @@
+"""Models: a compact native Llama / Qwen2 / Qwen3 decoder, HF checkpoint I/O, tokenizers.
+
+``tiny`` (the built-in default policy) is imported on its own: ``from dapo.models.tiny import ...``.
+"""
+
+from dapo.models.config import SUPPORTED_ARCHITECTURES, ModelArgs, RopeScaling, UnsupportedModelError
+from dapo.models.hub import (
+    HFCausalLM,
+    apply_chat_template,
+    load_pretrained,
+    load_tokenizer,
+    resolve_dtype,
+    save_pretrained,
+)
+from dapo.models.transformer import CausalLM, KVCache
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "CausalLM",
+    "HFCausalLM",
+    "KVCache",
+    "ModelArgs",
+    "RopeScaling",
+    "UnsupportedModelError",
+    "apply_chat_template",
+    "load_pretrained",
+    "load_tokenizer",
+    "resolve_dtype",
+    "save_pretrained",
+]

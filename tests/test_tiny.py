@@ -1,0 +1,253 @@
+"""The tiny default model: tokenizer, HF checkpoint, reproducible cached builds, and (slow) its accuracy."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dapo.models.tiny as tiny
+from dapo.data.synthetic import ArithmeticTask
+from dapo.models.tiny import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    TinyRecipe,
+    build_tiny_tokenizer,
+    default_cache_dir,
+    ensure_tiny_model,
+    evaluate_tiny_model,
+    recipe_key,
+)
+
+# Small enough to build in about a second: the behaviour under test does not depend on size.
+SMALL = TinyRecipe(
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    sft_steps=4,
+    batch_size=4,
+    tokenizer_corpus=300,
+    warmup_steps=2,
+)
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_tiny_model(SMALL, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_tokenizer_round_trips_task_text_and_splits_digits() -> None:
+    tok = build_tiny_tokenizer(SMALL)
+    task = ArithmeticTask(seed=5)
+    texts = [t for p in task.train_problems(100) + task.heldout_problems(30) for t in (p.prompt, p.solution)]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        # Every digit is a token of its own, so numbers are spelled digit by digit.
+        pieces = tok.convert_ids_to_tokens(ids)
+        assert all(sum(c.isdigit() for c in piece) <= 1 for piece in pieces)
+    assert tok.decode(tok("Answer: 1234", add_special_tokens=False)["input_ids"]) == "Answer: 1234"
+
+
+def test_chat_template_renders_user_message_with_generation_prompt() -> None:
+    tok = build_tiny_tokenizer(SMALL)
+    messages = ArithmeticTask(seed=0).train_problems(1)[0].messages()
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == f"<|im_start|>user\n{messages[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # The chat markers are single special tokens.
+    assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 2
+    assert ids.count(tok.convert_tokens_to_ids(EOS_TOKEN)) == 1
+    assert tok.eos_token == EOS_TOKEN and tok.pad_token == PAD_TOKEN
+
+
+def test_default_tokenizer_keeps_prompts_and_responses_short() -> None:
+    tok = build_tiny_tokenizer(TinyRecipe())
+    assert len(tok) <= TinyRecipe().vocab_size
+    for p in ArithmeticTask(seed=2).heldout_problems(60):
+        text = tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 80
+        assert len(tok(p.solution, add_special_tokens=False)["input_ids"]) < 40
+
+
+def test_saved_dir_loads_with_transformers(small_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "recipe.json",
+    ):
+        assert (small_dir / name).is_file(), name
+    tok = AutoTokenizer.from_pretrained(small_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(small_dir, local_files_only=True)
+    assert model.config.model_type == "qwen2"
+    assert model.config.tie_word_embeddings
+    assert model.config.eos_token_id == tok.convert_tokens_to_ids(EOS_TOKEN)
+    assert model.config.vocab_size == len(tok)
+    # The reloaded tokenizer encodes exactly like the one the model was trained with.
+    fresh = build_tiny_tokenizer(SMALL)
+    for p in ArithmeticTask(seed=9).train_problems(20):
+        text = fresh.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
+        assert tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False) == text
+        assert (
+            tok(text, add_special_tokens=False)["input_ids"]
+            == fresh(text, add_special_tokens=False)["input_ids"]
+        )
+    meta = json.loads((small_dir / "recipe.json").read_text())
+    assert meta["key"] == recipe_key(SMALL) == small_dir.name
+    assert TinyRecipe(**{**meta["recipe"], "levels": tuple(meta["recipe"]["levels"])}) == SMALL
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 7]])).logits  # [1, 3, V]
+    assert torch.isfinite(logits).all()
+
+
+def test_two_builds_are_bitwise_identical(tmp_path: Path) -> None:
+    a = ensure_tiny_model(SMALL, cache_dir=tmp_path / "a", progress=False)
+    b = ensure_tiny_model(SMALL, cache_dir=tmp_path / "b", progress=False)
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    # And the warm-up did train: a different seed gives different weights.
+    c = ensure_tiny_model(
+        TinyRecipe(**{**SMALL.__dict__, "seed": 1}), cache_dir=tmp_path / "a", progress=False
+    )
+    wc = load_file(c / "model.safetensors")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_cache_hit_does_not_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = ensure_tiny_model(SMALL, cache_dir=tmp_path, progress=False)
+    assert first == tmp_path / "tiny" / recipe_key(SMALL)
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached model must not be rebuilt")
+
+    monkeypatch.setattr(tiny, "build_tiny_model", no_build)
+    start = time.perf_counter()
+    assert ensure_tiny_model(SMALL, cache_dir=tmp_path, progress=False) == first
+    assert time.perf_counter() - start < 1.0
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+    # No temporary build directories are left behind.
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted([first.name, f"{first.name}.lock"])
+
+
+def test_incomplete_cache_dir_is_rebuilt(tmp_path: Path) -> None:
+    broken = tmp_path / "tiny" / recipe_key(SMALL)
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text("{}")
+    path = ensure_tiny_model(SMALL, cache_dir=tmp_path, progress=False)
+    assert path == broken
+    assert (path / "model.safetensors").is_file()
+    assert json.loads((path / "config.json").read_text())["model_type"] == "qwen2"
+
+
+def test_concurrent_callers_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real_build = tiny.build_tiny_model
+
+    def counting_build(recipe: TinyRecipe, out_dir: Path, *, progress: bool = False) -> tiny.TinyBuildReport:
+        calls.append(1)
+        return real_build(recipe, out_dir, progress=progress)
+
+    monkeypatch.setattr(tiny, "build_tiny_model", counting_build)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(ensure_tiny_model(SMALL, cache_dir=tmp_path, progress=False))
+        )
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(results) == 2 and results[0] == results[1]
+
+
+def test_recipe_key_tracks_the_recipe() -> None:
+    key = recipe_key(SMALL)
+    assert len(key) == 12 and int(key, 16) >= 0
+    assert recipe_key(TinyRecipe(**SMALL.__dict__)) == key
+    for change in ({"seed": 1}, {"sft_steps": 5}, {"lr": 1e-3}, {"levels": (1, 2)}, {"hidden_size": 64}):
+        assert recipe_key(TinyRecipe(**{**SMALL.__dict__, **change})) != key, change
+
+
+def test_recipe_validation() -> None:
+    with pytest.raises(ValueError, match="num_heads"):
+        TinyRecipe(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        TinyRecipe(num_heads=4, num_kv_heads=3)
+
+
+def test_default_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DAPO_CACHE", str(tmp_path / "d"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert default_cache_dir() == tmp_path / "d"
+    monkeypatch.delenv("DAPO_CACHE")
+    assert default_cache_dir() == tmp_path / "x" / "dapo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "dapo"
+
+
+def test_shared_prefix_loss_equals_full_forward() -> None:
+    tok = build_tiny_tokenizer(SMALL)
+    torch.manual_seed(0)
+    model = tiny._make_model(SMALL, tok)
+    problems = ArithmeticTask(seed=4).train_problems(6)
+    eos, pad = tok.convert_tokens_to_ids(EOS_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN)
+    batch = tiny._sft_batch(tok, problems, eos, pad)
+    assert batch.prefix.numel() > 20  # the template's opening words are shared by every prompt
+    shared = tiny._sft_loss(model, batch)
+    # Reference: each full sequence on its own, mean over all response tokens of the batch.
+    total, count = torch.zeros(()), 0
+    for p in problems:
+        prompt = tiny._prompt_ids(tok, p)
+        response = [*tok(p.solution, add_special_tokens=False)["input_ids"], eos]
+        ids = torch.tensor([prompt + response])  # [1, T]
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # [R, V]
+        total = total + torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum")
+        count += len(response)
+    torch.testing.assert_close(shared, total / count, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_scores_a_model(small_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(small_dir, local_files_only=True)
+    problems = ArithmeticTask(seed=0).heldout_problems(6)
+    report = evaluate_tiny_model(model, tok, problems, samples_per_problem=2, max_new_tokens=8)
+    assert report.samples == 12
+    assert set(report.per_level) == {1, 2, 3}
+    assert 0.0 <= report.accuracy <= 1.0
+    # An untrained-for-long model cannot finish a solution in 8 tokens, so nothing is correct.
+    assert report.accuracy == 0.0
+    assert report.mean_response_tokens <= 8
+
+
+@pytest.mark.slow
+def test_default_recipe_builds_fast_and_lands_in_the_accuracy_band(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    path = ensure_tiny_model(cache_dir=tmp_path, progress=False)
+    seconds = time.perf_counter() - start
+    assert seconds < 240, f"default tiny model build took {seconds:.0f} s"
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    problems = ArithmeticTask(seed=0).heldout_problems(64)
+    report = evaluate_tiny_model(model, tok, problems, samples_per_problem=8, temperature=1.0)
+    assert 0.15 <= report.accuracy <= 0.65, report
