@@ -97,6 +97,7 @@ def test_overrides_are_typed() -> None:
         ("actor.mini_batch_size=100000", "actor.mini_batch_size: invalid value 100000"),
         ("reward.overlong_cache_length=1000", "reward.overlong_cache_length: invalid value 1000"),
         ("lr", "expected the form key.path=value"),
+        ("rollout.engine=hf", "'hf' only with model.implementation=hf"),
     ],
 )
 def test_validation_errors_name_key_value_and_allowed(override: str, expected: str) -> None:

@@ -335,6 +335,13 @@ class Config:
                 self.reward.overlong_cache_length,
                 f"<= rollout.max_response_length ({resp})",
             )
+        if self.rollout.engine == "hf":
+            _check(
+                self.model.implementation == "hf",
+                "rollout.engine",
+                self.rollout.engine,
+                "'hf' only with model.implementation=hf (transformers' generate runs transformers' model)",
+            )
         responses = self.trainer.prompts_per_step * self.rollout.n
         _check(
             self.actor.mini_batch_size <= responses,
