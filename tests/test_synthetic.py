@@ -12,6 +12,7 @@ from dapo.data.synthetic import (
     DATA_SOURCE,
     HELDOUT_PERCENT,
     LEVELS,
+    OPERAND_RANGE,
     ArithmeticProblem,
     ArithmeticTask,
     is_heldout,
@@ -78,7 +79,7 @@ def test_heldout_bucket_is_about_ten_percent() -> None:
 @pytest.mark.parametrize("level", LEVELS)
 def test_answers_and_solutions_are_correct(level: int) -> None:
     task = ArithmeticTask(seed=0, levels=(level,))
-    for p in task.train_problems(300) + task.heldout_problems(100):
+    for p in task.train_problems(300) + task.heldout_problems(40):
         assert p.level == level
         value = _evaluate(p.expression)
         assert value >= 0
@@ -125,6 +126,20 @@ def test_levels_differ_in_shape() -> None:
 def test_heldout_rotates_levels() -> None:
     held = ArithmeticTask(seed=0, levels=(1, 3)).heldout_problems(10)
     assert [p.level for p in held] == [1, 3] * 5
+
+
+def test_exhausted_heldout_level_leaves_the_rotation() -> None:
+    # Level 1's whole held-out space, enumerated independently of the generator.
+    lo, hi = OPERAND_RANGE
+    space = {f"{a} + {b}" for a in range(lo, hi + 1) for b in range(lo, hi + 1)}
+    space |= {f"{a} - {b}" for a in range(lo, hi + 1) for b in range(lo, a + 1)}
+    level1_heldout = {e for e in space if is_heldout(e)}
+    assert 30 < len(level1_heldout) < 150
+    with pytest.raises(ValueError, match="held-out split has only"):
+        ArithmeticTask(levels=(1,)).heldout_problems(len(level1_heldout) + 1)
+    held = ArithmeticTask(levels=(1, 2)).heldout_problems(2 * len(level1_heldout) + 50)
+    assert {p.expression for p in held if p.level == 1} == level1_heldout
+    assert len({p.expression for p in held}) == len(held)
 
 
 def test_bad_levels_rejected() -> None:

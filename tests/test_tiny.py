@@ -35,6 +35,7 @@ SMALL = TinyRecipe(
     batch_size=4,
     tokenizer_corpus=300,
     warmup_steps=2,
+    val_problems=8,
 )
 
 
@@ -185,11 +186,55 @@ def test_recipe_key_tracks_the_recipe() -> None:
         assert recipe_key(TinyRecipe(**{**SMALL.__dict__, **change})) != key, change
 
 
+def test_warmup_stops_once_the_validation_target_is_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Validation results in order: before training, then after steps 2, 4, 6, ...
+    values = iter([0.0, 0.1, 0.5, 0.9, 0.9, 0.9])
+    monkeypatch.setattr(tiny, "_reference_probability", lambda model, batch: next(values))
+    recipe = TinyRecipe(**{**SMALL.__dict__, "sft_steps": 10, "val_every": 2, "target_accuracy": 0.4})
+    report = tiny.build_tiny_model(recipe, tmp_path)
+    assert report.steps == 4
+    assert report.val_accuracy == 0.5
+    # With the target disabled every step runs.
+    values = iter([0.0, 0.1, 0.5, 0.9, 0.9, 0.9])
+    report = tiny.build_tiny_model(TinyRecipe(**{**recipe.__dict__, "target_accuracy": 0.0}), tmp_path / "b")
+    assert report.steps == 10
+
+
+def test_reference_probability_is_the_exact_sequence_probability() -> None:
+    tok = build_tiny_tokenizer(SMALL)
+    torch.manual_seed(0)
+    model = tiny._make_model(SMALL, tok)
+    problems = ArithmeticTask(seed=4).train_problems(3)
+    eos, pad = tok.convert_tokens_to_ids(EOS_TOKEN), tok.convert_tokens_to_ids(PAD_TOKEN)
+    batch = tiny._sft_batch(tok, problems, eos, pad)
+    # Keep the first two response tokens of each row labelled: an untrained model gives a whole solution a
+    # probability below float32's range, two tokens stay measurable.
+    labels = batch.labels.clone()  # [B, T]
+    for row in labels:
+        row[(row != -100).nonzero()[2:, 0]] = -100
+    batch = tiny._SFTBatch(prefix=batch.prefix, rest=batch.rest, labels=labels)
+    expected = []
+    with torch.no_grad():
+        for p in problems:
+            prompt = tiny._prompt_ids(tok, p)
+            response = tok(p.solution, add_special_tokens=False)["input_ids"][:2]
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0]  # [T, V]
+            logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # [2, V]
+            expected.append(logprobs[torch.arange(2), torch.tensor(response)].sum().exp())
+    want = float(torch.stack(expected).mean())
+    assert 1e-8 < want < 1e-2
+    assert tiny._reference_probability(model, batch) == pytest.approx(want, rel=1e-4)
+
+
 def test_recipe_validation() -> None:
     with pytest.raises(ValueError, match="num_heads"):
         TinyRecipe(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="num_kv_heads"):
         TinyRecipe(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="target_accuracy"):
+        TinyRecipe(target_accuracy=1.5)
 
 
 def test_default_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -7,15 +7,17 @@ one line per operation, then the line the DAPO template asks for::
     25 - 12 = 13
     Answer: 13
 
-so the ``math_dapo`` verifier scores a correct solution 1.0. Three difficulty levels give a spread of
-accuracy for a tiny model, so that RL sees groups with 0 < correct < G at every level:
+so the ``math_dapo`` verifier scores a correct solution 1.0. Operands are small (``OPERAND_RANGE``, 0-20;
+factors 2-9), so a model of a couple of million parameters learns the single steps in a couple of minutes
+of supervised warm-up. Three difficulty levels give a spread of accuracy, so that RL sees groups with
+0 < correct < G at every level:
 
 - level 1: ``a + b`` or ``a - b`` (one line of work);
-- level 2: three operands joined by ``+`` and ``-`` (two lines);
-- level 3: ``a × b`` of one-digit factors, then ``+`` or ``-`` an operand (two lines).
+- level 2: three operands joined by ``+`` and ``-`` (two lines; the second step may reach 40);
+- level 3: ``a × b`` of one-digit factors, then ``+`` or ``-`` an operand (two lines; up to 81 + 20).
 
-Every intermediate and final value is a non-negative integer (subtractions are drawn so they never go
-below 0).
+Every intermediate and final value is a non-negative integer: a first subtraction takes the larger operand
+first, and a second one that would go below zero becomes an addition.
 
 The held-out split is disjoint from the training split by construction: a problem is held out iff a stable
 hash (SHA-256) of its canonical expression falls in a fixed bucket (``HELDOUT_PERCENT`` of 100), whatever the
@@ -37,8 +39,10 @@ from dapo.data.templates import apply_dapo_template
 
 __all__ = [
     "DATA_SOURCE",
+    "FACTOR_RANGE",
     "HELDOUT_PERCENT",
     "LEVELS",
+    "OPERAND_RANGE",
     "ArithmeticProblem",
     "ArithmeticTask",
     "is_heldout",
@@ -56,11 +60,10 @@ HELDOUT_PERCENT = 10
 # Phrasings of the problem text; the canonical expression (what the split hashes) does not depend on them.
 _PHRASINGS: tuple[str, ...] = ("Compute {expr}.", "What is {expr}?", "Calculate {expr}.")
 
-# Inclusive ranges: the first operand of levels 1-2, every later added or subtracted operand, the factors of
-# level 3. The first operand is at least the largest later operand, so a first subtraction never goes below 0.
-_FIRST_RANGE = (10, 99)
-_OPERAND_RANGE = (1, 9)
-_FACTOR_RANGE = (2, 9)
+OPERAND_RANGE = (0, 20)
+"""Inclusive range of every added or subtracted operand."""
+FACTOR_RANGE = (2, 9)
+"""Inclusive range of the two factors of level 3."""
 
 # Consecutive draws without a new held-out problem after which the held-out space counts as exhausted.
 _MAX_HELDOUT_MISSES = 50_000
@@ -76,9 +79,9 @@ class ArithmeticProblem:
     level: int
     """Difficulty level (1 = easiest)."""
     expression: str
-    """Canonical expression, e.g. ``"37 + 48 - 12"``; the held-out split hashes this."""
+    """Canonical expression, e.g. ``"17 + 8 - 12"``; the held-out split hashes this."""
     problem: str
-    """Problem text, e.g. ``"Compute 37 + 48 - 12."``."""
+    """Problem text, e.g. ``"Compute 17 + 8 - 12."``."""
     prompt: str
     """The problem wrapped in the DAPO prompt template (the user message)."""
     answer: str
@@ -112,12 +115,12 @@ def _apply(a: int, op: str, b: int) -> int:
 def _draw_terms(rng: random.Random, level: int) -> tuple[list[int], list[str]]:
     """Draw the operands and operators of one problem of ``level`` (values stay non-negative)."""
     if level == 1:
-        values, ops = [rng.randint(*_FIRST_RANGE), rng.randint(*_OPERAND_RANGE)], [rng.choice("+-")]
+        values, ops = [rng.randint(*OPERAND_RANGE), rng.randint(*OPERAND_RANGE)], [rng.choice("+-")]
     elif level == 2:
-        values = [rng.randint(*_FIRST_RANGE), rng.randint(*_OPERAND_RANGE), rng.randint(*_OPERAND_RANGE)]
+        values = [rng.randint(*OPERAND_RANGE), rng.randint(*OPERAND_RANGE), rng.randint(*OPERAND_RANGE)]
         ops = [rng.choice("+-"), rng.choice("+-")]
     elif level == 3:
-        values = [rng.randint(*_FACTOR_RANGE), rng.randint(*_FACTOR_RANGE), rng.randint(*_OPERAND_RANGE)]
+        values = [rng.randint(*FACTOR_RANGE), rng.randint(*FACTOR_RANGE), rng.randint(*OPERAND_RANGE)]
         ops = [_TIMES, rng.choice("+-")]
     else:
         raise ValueError(f"unknown level {level}; known levels are {LEVELS}")
@@ -171,7 +174,8 @@ class ArithmeticTask:
     """Deterministic generator of arithmetic problems with disjoint training and held-out splits.
 
     The training stream and the held-out set come from separate random streams seeded by ``seed``; levels are
-    drawn uniformly for training and in rotation for the held-out set (so each level is equally represented).
+    drawn uniformly for training and in rotation for the held-out set (each level equally represented, up to
+    level 1's few dozen held-out problems).
     """
 
     def __init__(self, seed: int = 0, levels: tuple[int, ...] = LEVELS) -> None:

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from dapo.data.synthetic import ArithmeticProblem, ArithmeticTask
+from dapo.data.synthetic import FACTOR_RANGE, OPERAND_RANGE, ArithmeticProblem, ArithmeticTask
 
 __all__ = [
     "BUILD_VERSION",
@@ -101,11 +101,11 @@ class TinyRecipe:
     """Upper bound on the BPE vocabulary (the trainer stops earlier when no pair repeats)."""
     tokenizer_corpus: int = 2000
     """Number of training problems whose prompt and solution the tokenizer is trained on."""
-    hidden_size: int = 192
+    hidden_size: int = 128
     """Model width."""
     intermediate_size: int = 512
     """MLP width."""
-    num_layers: int = 4
+    num_layers: int = 3
     """Number of decoder layers."""
     num_heads: int = 4
     """Attention heads."""
@@ -115,11 +115,12 @@ class TinyRecipe:
     """Longest sequence (prompt + response) the model is configured for."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
-    sft_steps: int = 600
-    """Supervised warm-up steps (each on a fresh batch of training problems)."""
+    sft_steps: int = 1500
+    """Most supervised warm-up steps (each on a fresh batch of training problems); the cosine schedule spans
+    them, and the warm-up usually stops earlier at ``target_accuracy``."""
     batch_size: int = 32
     """Problems per SFT step."""
-    lr: float = 3e-3
+    lr: float = 2e-3
     """Peak AdamW learning rate."""
     warmup_steps: int = 30
     """Linear learning-rate warm-up steps."""
@@ -129,6 +130,15 @@ class TinyRecipe:
     """AdamW weight decay (on matrices only)."""
     grad_clip: float = 1.0
     """Gradient-norm clip."""
+    target_accuracy: float = 0.4
+    """Stop the warm-up once the validation problems' mean probability of their reference solution reaches
+    this (0 disables). That probability is the chance that one sample at temperature 1.0 reproduces the
+    reference, so it tracks sampled accuracy; stopping on it, rather than after a fixed step count, lands
+    the model in the intended accuracy band however fast this machine's numerics make it learn."""
+    val_problems: int = 128
+    """Training-split problems (an own random stream) on which ``target_accuracy`` is checked."""
+    val_every: int = 50
+    """Steps between checks of ``target_accuracy``."""
 
     def __post_init__(self) -> None:
         """Validate sizes so a bad recipe fails before minutes of building."""
@@ -140,8 +150,15 @@ class TinyRecipe:
             raise ValueError(
                 f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}"
             )
-        if self.sft_steps < 0 or self.batch_size < 1 or self.tokenizer_corpus < 1:
-            raise ValueError("sft_steps must be >= 0, batch_size and tokenizer_corpus >= 1")
+        if (
+            self.sft_steps < 0
+            or min(self.batch_size, self.tokenizer_corpus, self.val_problems, self.val_every) < 1
+        ):
+            raise ValueError(
+                "sft_steps must be >= 0; batch_size, tokenizer_corpus, val_problems, val_every >= 1"
+            )
+        if not 0.0 <= self.target_accuracy <= 1.0:
+            raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size must cover the 256 byte tokens and specials, got {self.vocab_size}")
 
@@ -153,8 +170,9 @@ class TinyRecipe:
 
 
 def recipe_key(recipe: TinyRecipe) -> str:
-    """Short stable hash of the recipe and :data:`BUILD_VERSION` (the cache directory name)."""
-    blob = json.dumps({"build_version": BUILD_VERSION, **recipe.to_dict()}, sort_keys=True)
+    """Short stable hash of the recipe, :data:`BUILD_VERSION` and the task's number ranges."""
+    task = {"operand_range": list(OPERAND_RANGE), "factor_range": list(FACTOR_RANGE)}
+    blob = json.dumps({"build_version": BUILD_VERSION, "task": task, **recipe.to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
 
@@ -170,12 +188,16 @@ class TinyBuildReport:
     sft_seconds: float
     final_loss: float
     """Mean SFT loss (per response token) over the last 10% of steps."""
+    steps: int
+    """SFT steps run (fewer than the recipe's ``sft_steps`` when ``target_accuracy`` was reached)."""
+    val_accuracy: float
+    """Mean probability of the reference solutions of the validation problems when the warm-up ended."""
     num_parameters: int
     vocab_size: int
     mean_prompt_tokens: float
-    """Mean chat-templated prompt length over the tokenizer corpus problems."""
+    """Mean chat-templated prompt length, in tokens, over 200 training problems."""
     max_response_tokens: int
-    """Longest reference solution, in tokens, including the end-of-sequence token."""
+    """Longest reference solution of those problems, in tokens, including the end-of-sequence token."""
 
 
 def default_cache_dir() -> Path:
@@ -324,8 +346,8 @@ def _sft_batch(tokenizer: Any, problems: Sequence[ArithmeticProblem], eos_id: in
     return _SFTBatch(prefix=torch.tensor(prompts[0][:shared], dtype=torch.long), rest=rest, labels=labels)
 
 
-def _sft_loss(model: Any, batch: _SFTBatch) -> torch.Tensor:
-    """Mean cross-entropy over response tokens, running the shared prompt prefix once for the whole batch.
+def _batch_logits(model: Any, batch: _SFTBatch) -> torch.Tensor:
+    """Logits over ``batch.rest``, running the shared prompt prefix once for the whole batch.
 
     Equivalent to a forward pass over the full right-padded sequences (the prefix keys and values are computed
     once and repeated; gradients flow through them), but about 40% cheaper: the template is most of a prompt.
@@ -337,10 +359,31 @@ def _sft_loss(model: Any, batch: _SFTBatch) -> torch.Tensor:
         cache = getattr(model(input_ids=batch.prefix[None], use_cache=True), name)
         cache.batch_repeat_interleave(batch.rest.size(0))
     # No attention mask: padding is on the right and attention is causal, so real tokens never see it.
-    logits = model(input_ids=batch.rest, use_cache=cache is not None, **{name: cache}).logits  # [B, T, V]
+    logits: torch.Tensor = model(input_ids=batch.rest, use_cache=cache is not None, **{name: cache}).logits
+    return logits  # [B, T, V]
+
+
+def _sft_loss(model: Any, batch: _SFTBatch) -> torch.Tensor:
+    """Mean cross-entropy over the response tokens of ``batch``."""
+    logits = _batch_logits(model, batch)  # [B, T, V]
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100
     )
+
+
+@torch.no_grad()
+def _reference_probability(model: Any, batch: _SFTBatch) -> float:
+    """Mean over rows of P(reference response | prompt): the chance a temperature-1 sample reproduces it."""
+    was_training = model.training
+    model.eval()
+    logits = _batch_logits(model, batch)  # [B, T, V]
+    model.train(was_training)
+    labels = batch.labels[:, 1:]  # [B, T-1]
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
+    # -100 marks prompt and padding; clamp it to a valid index, the mask then zeroes those positions.
+    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    seq_logprob = (picked * (labels != -100)).sum(-1)  # [B]
+    return float(seq_logprob.exp().mean())
 
 
 def _make_optimizer(model: Any, recipe: TinyRecipe) -> torch.optim.Optimizer:
@@ -354,17 +397,30 @@ def _make_optimizer(model: Any, recipe: TinyRecipe) -> torch.optim.Optimizer:
     )
 
 
-def _sft(model: Any, tokenizer: Any, recipe: TinyRecipe, progress: bool) -> list[float]:
-    """Supervised warm-up on a deterministic stream of training problems; returns the per-step losses."""
+@dataclass(frozen=True)
+class _SFTResult:
+    losses: list[float]
+    """Training loss of every step run."""
+    val_accuracy: float
+    """Validation reference probability at the end."""
+
+
+def _sft(model: Any, tokenizer: Any, recipe: TinyRecipe, progress: bool) -> _SFTResult:
+    """Supervised warm-up on a deterministic stream of training problems, stopped at ``target_accuracy``."""
     from tqdm import tqdm
 
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     optimizer = _make_optimizer(model, recipe)
-    # The stream is seeded apart from the tokenizer corpus (task seed + 1), so SFT sees other problems.
+    # Separate task seeds: the tokenizer corpus uses seed, the SFT stream seed + 1, validation seed + 2.
     stream = ArithmeticTask(seed=recipe.seed + 1, levels=recipe.levels).iter_train()
+    val_problems = ArithmeticTask(seed=recipe.seed + 2, levels=recipe.levels).train_problems(
+        recipe.val_problems
+    )
+    val_batch = _sft_batch(tokenizer, val_problems, eos_id, pad_id)
     model.train()
     losses: list[float] = []
+    val_accuracy = _reference_probability(model, val_batch)
     bar = tqdm(range(recipe.sft_steps), desc="dapo tiny model: SFT", disable=not progress, file=sys.stderr)
     for step in bar:
         batch = _sft_batch(tokenizer, [next(stream) for _ in range(recipe.batch_size)], eos_id, pad_id)
@@ -376,16 +432,21 @@ def _sft(model: Any, tokenizer: Any, recipe: TinyRecipe, progress: bool) -> list
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if (step + 1) % recipe.val_every == 0 or step + 1 == recipe.sft_steps:
+            val_accuracy = _reference_probability(model, val_batch)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{val_accuracy:.2f}")
+            if recipe.target_accuracy > 0 and val_accuracy >= recipe.target_accuracy:
+                break
+    bar.close()
     model.eval()
-    return losses
+    return _SFTResult(losses=losses, val_accuracy=val_accuracy)
 
 
 def build_tiny_model(recipe: TinyRecipe, out_dir: Path, *, progress: bool = False) -> TinyBuildReport:
     """Build the tokenizer and the SFT-warmed model of ``recipe`` and save them in HF format into ``out_dir``.
 
-    Deterministic: the same recipe gives bitwise-identical weights (on the same torch build and hardware).
+    Deterministic: the same recipe gives bitwise-identical weights (on the same torch build, hardware and
+    thread count). The caller's torch random state is left untouched.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -393,10 +454,12 @@ def build_tiny_model(recipe: TinyRecipe, out_dir: Path, *, progress: bool = Fals
     tokenizer = build_tiny_tokenizer(recipe)
     tokenizer_seconds = time.perf_counter() - start
 
-    torch.manual_seed(recipe.seed)
-    model = _make_model(recipe, tokenizer)
-    sft_start = time.perf_counter()
-    losses = _sft(model, tokenizer, recipe, progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = _make_model(recipe, tokenizer)
+        sft_start = time.perf_counter()
+        result = _sft(model, tokenizer, recipe, progress)
+    losses = result.losses
     sft_seconds = time.perf_counter() - sft_start
 
     model.save_pretrained(out_dir)
@@ -413,6 +476,8 @@ def build_tiny_model(recipe: TinyRecipe, out_dir: Path, *, progress: bool = Fals
         sft_seconds=sft_seconds,
         # With zero SFT steps there is no loss to report.
         final_loss=sum(tail) / len(tail) if losses else float("nan"),
+        steps=len(losses),
+        val_accuracy=result.val_accuracy,
         num_parameters=sum(p.numel() for p in model.parameters()),
         vocab_size=len(tokenizer),
         mean_prompt_tokens=sum(len(_prompt_ids(tokenizer, p)) for p in probe) / len(probe),
@@ -537,7 +602,6 @@ def evaluate_tiny_model(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
-    torch.manual_seed(seed)
     model.eval()
     by_len: dict[int, list[tuple[ArithmeticProblem, list[int]]]] = {}
     for p in problems:
@@ -545,18 +609,20 @@ def evaluate_tiny_model(
         by_len.setdefault(len(ids), []).append((p, ids))
     hits: dict[int, list[float]] = {}
     lengths: list[int] = []
-    for length in sorted(by_len):
-        group = by_len[length]
-        input_ids = torch.tensor([ids for _, ids in group for _ in range(n)])  # [P * n, L]
-        out = model.generate(input_ids=input_ids, generation_config=gen)  # [P * n, L + new]
-        for row, seq in enumerate(out[:, length:].tolist()):
-            problem = group[row // n][0]
-            # Cut at the first end-of-sequence token (generate pads finished rows with pad ids after it).
-            if eos_id in seq:
-                seq = seq[: seq.index(eos_id)]
-            lengths.append(len(seq))
-            text = tokenizer.decode(seq, skip_special_tokens=True)
-            hits.setdefault(problem.level, []).append(float(compute_score(text, problem.answer).acc))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for length in sorted(by_len):
+            group = by_len[length]
+            input_ids = torch.tensor([ids for _, ids in group for _ in range(n)])  # [P * n, L]
+            out = model.generate(input_ids=input_ids, generation_config=gen)  # [P * n, L + new]
+            for row, seq in enumerate(out[:, length:].tolist()):
+                problem = group[row // n][0]
+                # Cut at the first end-of-sequence token (generate pads finished rows after it).
+                if eos_id in seq:
+                    seq = seq[: seq.index(eos_id)]
+                lengths.append(len(seq))
+                text = tokenizer.decode(seq, skip_special_tokens=True)
+                hits.setdefault(problem.level, []).append(float(compute_score(text, problem.answer).acc))
     all_hits = [h for v in hits.values() for h in v]
     return TinyEvalReport(
         accuracy=sum(all_hits) / len(all_hits),
