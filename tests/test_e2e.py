@@ -21,9 +21,6 @@ AIME = REPO.parent / "shared" / "data" / "aime-2024.parquet"
 
 pytestmark = pytest.mark.slow
 
-LEARN_STEPS = 30  # the embedded default runs more; this is enough for a clear gain
-LEARN_GAIN = 0.05
-
 # a short run: 4 steps, checkpoints at 2 and 4, small eval
 SHORT = [
     "trainer.total_steps=4",
@@ -98,28 +95,8 @@ def test_dapo_eval_on_a_checkpoint_and_on_aime(
     if not AIME.is_file():
         pytest.skip(f"AIME data missing: {AIME}")
     # AIME repeats each problem 32 times on purpose: evaluation keeps every row
-    args = ["evaluation.max_prompts=64", "rollout.max_response_length=8", "data.max_prompt_length=4096"]
+    args = ["evaluation.max_prompts=64", "evaluation.max_response_length=8", "data.max_prompt_length=4096"]
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(AIME), "--k", "1", *args]) == 0
     out = capsys.readouterr().out
     assert "64 prompt rows x k=1" in out and "math_dapo/avg@1" in out
 
-
-def test_embedded_default_learns(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """A shorter run of the embedded default: held-out avg@k rises clearly."""
-    from dapo.config import load_config
-    from dapo.trainer import train
-
-    cfg = load_config(
-        "tiny",
-        [
-            f"trainer.output_dir={tmp_path}",
-            f"trainer.total_steps={LEARN_STEPS}",
-            "evaluation.every_steps=0",
-            "checkpoint.every_steps=0",
-            "logging.progress_bar=false",
-        ],
-    )
-    result = train(cfg)
-    key = f"eval/arithmetic/avg@{cfg.evaluation.k}"
-    before, after = result.eval_before[key], result.eval_after[key]
-    assert after - before >= LEARN_GAIN, (before, after)
