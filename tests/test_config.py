@@ -137,3 +137,41 @@ def test_cli_help_explains_subcommands(capsys: pytest.CaptureFixture[str]) -> No
         main(["--help"])
     out = capsys.readouterr().out
     assert "dapo train" in out and "dapo eval" in out and "--dry-run" in out
+
+
+def test_ablation_ladder_differs_only_in_settings() -> None:
+    import dataclasses
+    import itertools
+
+    ladder = [load_config(REPO / "configs" / f"ablation_{i}.yaml") for i in (
+        "1_naive_grpo", "2_overlong_filtering", "3_clip_higher", "4_soft_overlong_punishment",
+        "5_token_level_loss", "6_dynamic_sampling",
+    )]  # fmt: skip
+    paper = load_config(REPO / "configs" / "dapo_qwen2.5_32b.yaml")
+    for cfg in ladder:  # everything but the algorithm switches is the paper's run
+        for section in ("model", "data", "rollout", "actor", "trainer", "evaluation"):
+            assert getattr(cfg, section) == getattr(paper, section), section
+    steps = [
+        (a, b) for prev, cfg in itertools.pairwise(ladder)
+        for a, b in [(dataclasses.asdict(prev), dataclasses.asdict(cfg))]
+    ]  # fmt: skip
+
+    def changed(a: dict, b: dict) -> set[str]:
+        return {f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s][k]}
+
+    assert [changed(a, b) for a, b in steps] == [
+        {"algorithm.overlong_filter"},
+        {"algorithm.eps_high"},
+        {"reward.soft_overlong_punishment"},
+        {"algorithm.loss_aggregation"},
+        {"algorithm.dynamic_sampling"},
+    ]
+    naive = ladder[0]
+    assert naive.algorithm.eps_low == naive.algorithm.eps_high and not naive.algorithm.dynamic_sampling
+
+
+def test_base_chain_loop_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")

@@ -500,15 +500,35 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML file or preset name (None = the embedded default), apply `a.b=c` overrides, validate."""
-    path = resolve_config_path(str(config) if config is not None else DEFAULT_PRESET)
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping; `base: NAME_OR_PATH` at its top first loads that file, then overrides it."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (
+        path.parent / str(base) if (path.parent / str(base)).is_file() else resolve_config_path(str(base))
+    )
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    merged = _read_yaml(base_path, (*seen, path.resolve()))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file or preset name (None = the embedded default), apply `a.b=c` overrides, validate."""
+    path = resolve_config_path(str(config) if config is not None else DEFAULT_PRESET)
+    data = _read_yaml(path)
     for text in overrides or []:
         key, value = parse_override(text)
         _set_path(data, key, value)
