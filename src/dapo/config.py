@@ -501,7 +501,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A config file as a mapping; `base: NAME_OR_PATH` at its top first loads that file, then overrides it."""
+    """A config file as a mapping; `base: NAME_OR_PATH` at its top loads that file first, then overrides."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
