@@ -99,4 +99,3 @@ def test_dapo_eval_on_a_checkpoint_and_on_aime(
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(AIME), "--k", "1", *args]) == 0
     out = capsys.readouterr().out
     assert "64 prompt rows x k=1" in out and "math_dapo/avg@1" in out
-
