@@ -538,6 +538,8 @@ def ensure_tiny_model(
                 file=sys.stderr,
             )
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+        # mkdtemp makes the directory private (0700); the finished cache entry is an ordinary readable one.
+        tmp.chmod(0o755)
         try:
             report = build_tiny_model(recipe, tmp, progress=progress)
             tmp.rename(final)
