@@ -428,7 +428,7 @@ def _sft(model: Any, tokenizer: Any, recipe: TinyRecipe, progress: bool) -> _SFT
             group["lr"] = recipe.lr * _lr_factor(step, recipe)
         loss = _sft_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         losses.append(loss.item())
@@ -587,7 +587,7 @@ def evaluate_tiny_model(
 
     Prompts of equal token length are batched together, so no padding is needed.
     """
-    from transformers import GenerationConfig
+    import transformers
 
     from dapo.rewards.math_dapo import compute_score
 
@@ -595,7 +595,9 @@ def evaluate_tiny_model(
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     greedy = temperature == 0.0
     n = 1 if greedy else samples_per_problem
-    gen = GenerationConfig(
+    # Called through Any: the class's __init__ is untyped.
+    config_cls: Any = transformers.GenerationConfig
+    gen = config_cls(
         do_sample=not greedy,
         temperature=None if greedy else temperature,
         top_k=None if greedy else 0,
