@@ -17,6 +17,7 @@ overlong response still counts as correct there, so soft overlong punishment alo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -172,7 +173,7 @@ class Collector:
     ) -> tuple[list[Group], dict[str, int]]:
         # the seed is a function of (run seed, step, round) only, so a resumed run samples exactly the same
         seed = (self.seed * 1_000_003 + step * 1_009 + round_index) % (2**31)
-        sampling = SamplingParams(**{**asdict(self.sampling), "seed": seed})
+        sampling = dataclasses.replace(self.sampling, seed=seed)
         completions = self.engine.generate([self.prompts[i] for i in indices], sampling)
         texts = [self.decode(c.token_ids) for c in completions]
         truths = [self.answers[indices[c.prompt_index]] for c in completions]

@@ -11,6 +11,7 @@ copies are not taken to be the k samples either. Metrics are means over rows:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,15 +82,7 @@ def evaluate(
     for lo in range(0, len(prompts), prompts_per_batch):
         hi = min(lo + prompts_per_batch, len(prompts))
         seed = None if sampling.seed is None else sampling.seed + lo
-        batch_sampling = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_tokens,
-            stop_token_ids=sampling.stop_token_ids,
-            seed=seed,
-        )
+        batch_sampling = dataclasses.replace(sampling, seed=seed)
         completions = engine.generate(list(prompts[lo:hi]), batch_sampling)
         texts = [decode(c.token_ids) for c in completions]
         truths = [answers[lo + c.prompt_index] for c in completions]
