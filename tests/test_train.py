@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -63,10 +64,12 @@ def make_actor(
 class PerMicroBatchNormalisedActor(Actor):
     """verl's default: each micro-batch divided by its OWN token count (what the global count fixes)."""
 
-    def _micro_loss(self, mb: TrainBatch, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(
+        self, mb: TrainBatch, denominator: float, **kw: Any
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         share = float(mb.response_mask.sum()) / denominator  # fraction of the mini-batch's tokens in this one
         n_micro = -(-self.cfg.mini_batch_size // self.cfg.micro_batch_size)
-        return super()._micro_loss(mb, denominator * share * n_micro)
+        return super()._micro_loss(mb, denominator * share * n_micro, **kw)
 
 
 def run_update(
@@ -106,6 +109,28 @@ def test_per_micro_batch_normalisation_would_be_caught() -> None:
     split = run_update(base, batch, micro=1, aggregation="token-mean", cls=PerMicroBatchNormalisedActor)
     worst = max(float(((split[k] - whole[k]).abs() / whole[k].abs().clamp_min(1e-9)).max()) for k in whole)
     assert worst > 1e-4
+
+
+def test_update_without_old_logprobs_fills_them_in_on_policy() -> None:
+    """No separate pass for the first mini-batch: its old log-probs are its own forward's (ratio exactly 1);
+    the second mini-batch's come from a pass before the first optimizer step. Same result as precomputing."""
+    base, batch = tiny_model(), random_batch()
+    precomputed = make_actor(copy.deepcopy(base), micro=3, mini=4, lr=1e-3)
+    batch.old_logprobs = precomputed.compute_logprobs(batch)
+    expected_old = batch.old_logprobs.clone()
+    precomputed.update(batch)
+    fused_model = copy.deepcopy(base)
+    fused = make_actor(fused_model, micro=3, mini=4, lr=1e-3)
+    batch.old_logprobs = None
+    fused.update(batch)
+    assert batch.old_logprobs is not None
+    torch.testing.assert_close(batch.old_logprobs, expected_old, rtol=1e-6, atol=1e-6)
+    for k, v in precomputed.model.state_dict().items():
+        torch.testing.assert_close(fused_model.state_dict()[k], v, rtol=1e-6, atol=1e-9)
+    single = make_actor(copy.deepcopy(base), micro=8, mini=8)
+    batch.old_logprobs = None
+    metrics = single.update(batch)
+    assert metrics["actor/ratio_mean"] == 1.0 and metrics["actor/approx_kl"] == 0.0
 
 
 def test_positive_advantage_raises_the_sampled_tokens_probability() -> None:

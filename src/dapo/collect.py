@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -112,6 +113,7 @@ class Collector:
         # decayed counts of generated and kept groups: the keep-rate estimate that sizes each round
         self.generated_estimate = 0.0
         self.kept_estimate = 0.0
+        self.seconds = {"generate": 0.0, "score": 0.0}  # this step's time in the engine and the verifier
 
     def keep_rate(self) -> float:
         """Estimated fraction of generated groups that pass the filter (1.0 until measured)."""
@@ -128,6 +130,7 @@ class Collector:
         carried = [g for g in self.carried if step - g.step <= 1]
         kept, self.carried = carried[:n], carried[n:]
         counts = {"groups": 0, "responses": 0, "correct": 0, "all_correct": 0, "all_wrong": 0, "kept": 0}
+        self.seconds = {"generate": 0.0, "score": 0.0}
         generated: list[Group] = []
         rounds = 0
         exhausted = False
@@ -174,10 +177,14 @@ class Collector:
         # the seed is a function of (run seed, step, round) only, so a resumed run samples exactly the same
         seed = (self.seed * 1_000_003 + step * 1_009 + round_index) % (2**31)
         sampling = dataclasses.replace(self.sampling, seed=seed)
+        t0 = time.perf_counter()
         completions = self.engine.generate([self.prompts[i] for i in indices], sampling)
+        t1 = time.perf_counter()
         texts = [self.decode(c.token_ids) for c in completions]
         truths = [self.answers[indices[c.prompt_index]] for c in completions]
         scored = self.scorer(texts, truths)
+        self.seconds["generate"] += t1 - t0
+        self.seconds["score"] += time.perf_counter() - t1
         rewards = self._shape_rewards(completions, [r.score for r in scored.results])
         g = sampling.n
         groups = []
@@ -242,6 +249,8 @@ class Collector:
             "filter/skipped_step": float(not batch),
             "filter/data_exhausted": float(exhausted),
             "filter/keep_rate_estimate": self.keep_rate(),
+            "time/generate_s": self.seconds["generate"],
+            "time/score_s": self.seconds["score"],
         }
         for key in ("verifier_timeouts", "verifier_errors", "verifier_oversized"):
             m[f"reward/{key}"] = float(counts.get(key, 0))

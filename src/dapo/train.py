@@ -106,9 +106,9 @@ class Actor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _micro_batches(self, batch: TrainBatch, start: int, stop: int) -> Iterator[TrainBatch]:
+    def _micro_batches(self, batch: TrainBatch, start: int, stop: int) -> Iterator[tuple[int, TrainBatch]]:
         for lo in range(start, stop, self.cfg.micro_batch_size):
-            yield batch.rows(slice(lo, min(lo + self.cfg.micro_batch_size, stop))).to(self.device)
+            yield lo, batch.rows(slice(lo, min(lo + self.cfg.micro_batch_size, stop))).to(self.device)
 
     def _token_stats(self, mb: TrainBatch) -> algo.TokenStats:
         logits = self.model(mb.input_ids, attention_mask=mb.attention_mask)  # [b, t, V]
@@ -132,8 +132,20 @@ class Actor:
         return out
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """One training step: `epochs` passes of mini-batch updates. Returns `actor/` metrics."""
-        assert batch.old_logprobs is not None, "compute old_logprobs before the update"
+        """One training step: `epochs` passes of mini-batch updates. Returns `actor/` metrics.
+
+        With `batch.old_logprobs` None, the update fills them in: the first mini-batch of the first epoch is
+        exactly on-policy, so its old log-probs are the detached log-probs of its own forward pass (ratio 1,
+        no extra pass); only the later mini-batches get a no-grad pass before the first optimizer step.
+        """
+        on_policy_rows = 0
+        if batch.old_logprobs is None:
+            on_policy_rows = min(self.cfg.mini_batch_size, len(batch))
+            batch.old_logprobs = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
+            if on_policy_rows < len(batch):
+                rest = batch.rows(slice(on_policy_rows, len(batch)))
+                old = self.compute_logprobs(rest)
+                batch.old_logprobs[on_policy_rows:, : old.shape[1]] = old
         self.model.train()
         sums: dict[str, float] = {}
         tokens_seen = 0.0
@@ -150,14 +162,16 @@ class Actor:
                 )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = 0.0
-                for mb in self._micro_batches(batch, start, stop):
-                    loss, stats = self._micro_loss(mb, denom)
+                for lo, mb in self._micro_batches(batch, start, stop):
+                    fill = batch.old_logprobs if lo < on_policy_rows else None
+                    loss, stats = self._micro_loss(mb, denom, fill_old=fill, row=lo)
                     loss.backward()
                     loss_total += float(loss.detach())
                     w = float(stats.pop("tokens"))
                     tokens_seen += w
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * w
+                on_policy_rows = 0  # filled in: later epochs read them like any other mini-batch
                 gnorm = self._clip_gradients()
                 if not (math.isfinite(loss_total) and math.isfinite(gnorm)):
                     # a non-finite loss or gradient would corrupt the weights and the Adam moments: skip the
@@ -183,10 +197,17 @@ class Actor:
         metrics["actor/skipped_updates"] = float(skipped)
         return metrics
 
-    def _micro_loss(self, mb: TrainBatch, denominator: float) -> tuple[Tensor, dict[str, float]]:
-        assert mb.old_logprobs is not None
+    def _micro_loss(
+        self, mb: TrainBatch, denominator: float, *, fill_old: Tensor | None = None, row: int = 0
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The micro-batch's share of the mini-batch loss. With `fill_old` (the batch's old log-probs, rows
+        from `row` on), the micro-batch is on-policy: its old log-probs are this forward's, written there."""
         stats = self._token_stats(mb)
         mask = mb.response_mask
+        if fill_old is not None:
+            mb.old_logprobs = (stats.logprobs.detach() * mask).float()
+            fill_old[row : row + len(mb), : mask.shape[1]] = mb.old_logprobs.cpu()
+        assert mb.old_logprobs is not None
         is_weights = None
         if self.algorithm.rollout_is_cap is not None:
             is_weights = algo.truncated_is_weights(

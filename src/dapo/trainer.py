@@ -114,17 +114,14 @@ def train(cfg: Config) -> TrainResult:
                 std_normalize=cfg.algorithm.advantage_std_normalize,
                 overlong_filter=cfg.algorithm.overlong_filter,
             )
-            batch.old_logprobs = (
-                batch.rollout_logprobs
-                if cfg.algorithm.use_rollout_logprobs
-                else actor.compute_logprobs(batch)
-            )
+            # old log-probs: the engine's when configured, else the update computes them (see Actor.update)
+            if cfg.algorithm.use_rollout_logprobs:
+                batch.old_logprobs = batch.rollout_logprobs
+            metrics.update(actor.update(batch))
+            assert batch.old_logprobs is not None
             metrics["rollout/mismatch_kl"] = float(
                 algo.mismatch_kl(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
             )
-            metrics["time/old_logprobs_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            metrics.update(actor.update(batch))
             metrics["time/update_s"] = time.perf_counter() - t0
             # the native engine shares the policy's parameters: the update is already visible to it
         metrics["time/step_s"] = time.perf_counter() - t_step
