@@ -99,3 +99,24 @@ def test_dapo_eval_on_a_checkpoint_and_on_aime(
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(AIME), "--k", "1", *args]) == 0
     out = capsys.readouterr().out
     assert "64 prompt rows x k=1" in out and "math_dapo/avg@1" in out
+
+
+def test_default_recipe_learns_on_a_short_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The embedded default, shortened to 40 steps: held-out avg@8 rises clearly (measured +9 points at 50)."""
+    run = dapo_train(
+        [
+            "trainer.total_steps=40",
+            "evaluation.every_steps=0",
+            "checkpoint.every_steps=0",
+            "logging.progress_bar=false",
+            "logging.tensorboard=false",
+            f"trainer.output_dir={tmp_path}",
+            "trainer.run_name=learn",
+        ]
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval/arithmetic/avg@8"] for r in rows if "eval/arithmetic/avg@8" in r]
+    assert len(evals) == 2, evals
+    before, after = evals
+    assert after - before >= 0.05, (before, after)

@@ -77,6 +77,16 @@ class RunLogger:
             self.writer.close()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (0 where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def environment_info() -> dict[str, Any]:
     """What the run ran on (written to `env.json` in the run directory)."""
     import transformers

@@ -19,12 +19,12 @@ import torch
 
 from dapo import algo, components
 from dapo.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
-from dapo.collect import Collector, CollectSettings, make_train_batch
+from dapo.collect import Collector, CollectSettings, Group, Scorer, make_train_batch
 from dapo.config import Config, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
-from dapo.logger import RunLogger, environment_info
-from dapo.rollout.base import SamplingParams
+from dapo.logger import RunLogger, environment_info, peak_rss_mb
+from dapo.rollout.base import RolloutEngine, SamplingParams
 from dapo.train import Actor
 
 
@@ -48,32 +48,8 @@ def train(cfg: Config) -> TrainResult:
     eval_set = load_eval_set(cfg, tokenizer)
     engine = components.make_engine(cfg.rollout, model, tokenizer)
     scorer = components.make_reward_pool(cfg.reward)
-    actor = Actor(
-        model,
-        cfg.actor,
-        cfg.algorithm,
-        temperature=cfg.rollout.temperature,
-        max_response_length=cfg.rollout.max_response_length,
-    )
-    collector = Collector(
-        engine,
-        train_set.prompt_ids,
-        train_set.answers,
-        train_set.data_sources,
-        PromptSampler(len(train_set), seed=cfg.trainer.seed, shuffle=cfg.data.shuffle),
-        scorer.score,
-        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        SamplingParams(
-            n=cfg.rollout.n,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            top_k=cfg.rollout.top_k,
-            max_tokens=cfg.rollout.max_response_length,
-            stop_token_ids=components.stop_token_ids(tokenizer),
-        ),
-        collect_settings(cfg),
-        seed=cfg.trainer.seed,
-    )
+    actor = make_actor(cfg, model)
+    collector = make_collector(cfg, engine, train_set, tokenizer, scorer.score)
     start_step, history = resume(cfg, run_dir, model, actor, collector)
     log = RunLogger(
         run_dir,
@@ -108,24 +84,12 @@ def train(cfg: Config) -> TrainResult:
             log.message(f"step {step}: too few informative groups ({len(collected.groups)}); update skipped")
         else:
             t0 = time.perf_counter()
-            batch = make_train_batch(
-                collected.groups,
-                pad_token_id=components.pad_token_id(tokenizer),
-                std_normalize=cfg.algorithm.advantage_std_normalize,
-                overlong_filter=cfg.algorithm.overlong_filter,
-            )
-            # old log-probs: the engine's when configured, else the update computes them (see Actor.update)
-            if cfg.algorithm.use_rollout_logprobs:
-                batch.old_logprobs = batch.rollout_logprobs
-            metrics.update(actor.update(batch))
-            assert batch.old_logprobs is not None
-            metrics["rollout/mismatch_kl"] = float(
-                algo.mismatch_kl(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
-            )
+            metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
             metrics["time/update_s"] = time.perf_counter() - t0
             # the native engine shares the policy's parameters: the update is already visible to it
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
+        metrics["perf/peak_rss_mb"] = peak_rss_mb()
         if (
             cfg.evaluation.every_steps
             and step % cfg.evaluation.every_steps == 0
@@ -147,6 +111,7 @@ def train(cfg: Config) -> TrainResult:
     before, after = history.get("eval_before", {}), history["eval_after"]
     if before:
         print(format_before_after(before, after, cfg.evaluation.k))
+    print(f"peak memory (RSS): {peak_rss_mb():.0f} MiB; run directory: {run_dir}")
     return TrainResult(run_dir, cfg.trainer.total_steps, before, after)
 
 
@@ -173,6 +138,69 @@ def make_run_dir(cfg: Config) -> Path:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     (run_dir / "env.json").write_text(json.dumps(environment_info(), indent=2))
     return run_dir
+
+
+def make_actor(cfg: Config, model: torch.nn.Module) -> Actor:
+    """The policy's optimizer and update, at the sampling temperature (log-probs of what was sampled)."""
+    return Actor(
+        model,
+        cfg.actor,
+        cfg.algorithm,
+        temperature=cfg.rollout.temperature,
+        max_response_length=cfg.rollout.max_response_length,
+    )
+
+
+def make_collector(
+    cfg: Config,
+    engine: RolloutEngine,
+    prompts: components.PromptSet,
+    tokenizer: Any,
+    score: Scorer,
+    sampler: PromptSampler | None = None,
+) -> Collector:
+    """The step's batch collector over `prompts` (sampled by `sampler`, default: the config's shuffle)."""
+    return Collector(
+        engine,
+        prompts.prompt_ids,
+        prompts.answers,
+        prompts.data_sources,
+        sampler or PromptSampler(len(prompts), seed=cfg.trainer.seed, shuffle=cfg.data.shuffle),
+        score,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        SamplingParams(
+            n=cfg.rollout.n,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_tokens=cfg.rollout.max_response_length,
+            stop_token_ids=components.stop_token_ids(tokenizer),
+        ),
+        collect_settings(cfg),
+        seed=cfg.trainer.seed,
+    )
+
+
+def update_policy(cfg: Config, actor: Actor, groups: list[Group], tokenizer: Any) -> dict[str, float]:
+    """Advantages, then the policy update on the kept groups; `actor/` metrics and the mismatch KL.
+
+    Old log-probs are the engine's when `algorithm.use_rollout_logprobs`, else the update computes them
+    (see `Actor.update`: no extra pass for the on-policy first mini-batch).
+    """
+    batch = make_train_batch(
+        groups,
+        pad_token_id=components.pad_token_id(tokenizer),
+        std_normalize=cfg.algorithm.advantage_std_normalize,
+        overlong_filter=cfg.algorithm.overlong_filter,
+    )
+    if cfg.algorithm.use_rollout_logprobs:
+        batch.old_logprobs = batch.rollout_logprobs
+    metrics = actor.update(batch)
+    assert batch.old_logprobs is not None
+    metrics["rollout/mismatch_kl"] = float(
+        algo.mismatch_kl(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
+    )
+    return metrics
 
 
 def collect_settings(cfg: Config) -> CollectSettings:

@@ -1,0 +1,335 @@
+"""One RL step: dapo's DAPO step against TRL's ``GRPOTrainer`` step on identical work, on the CPU.
+
+    python bench/rl_step.py [--size tiny|25m|all] [--steps 5] [--warmup 1] [--threads N]
+
+Workload (per step, both sides): the same 8 prompts of the built-in arithmetic task, chat-templated by dapo
+(~70 tokens; TRL gets them as text and re-tokenizes them to the same ids, checked), G = 8 responses each, at
+most 128 new tokens, temperature 1.0 with no top-p/top-k, one stop id (``<|im_end|>``); rewards from dapo's
+``math_dapo`` verifier; group advantages (r - mean) / std; then one AdamW step (lr 1e-4, betas 0.9/0.999,
+weight decay 0.1 on every parameter, grad clip 1.0, constant lr) on the token-mean DAPO loss over all 64
+responses (clip 0.2 / 0.28, no KL), float32. Dynamic sampling is off so both sides do the same work. The
+soft overlong punishment is off on both sides: on the random 25M model it would make rewards differ by
+length within a group, and each side's policy would drift towards shorter responses at its own random pace.
+
+- dapo runs the real trainer path (``Collector.collect`` -> ``trainer.update_policy``: advantages, old
+  log-probs, ``Actor.update``) with its native model and engine; a step is timed from collect to the end of
+  the update, and split into generate / score (the collector's own timers) / update / other.
+- TRL runs ``GRPOTrainer`` (``loss_type="dapo"``, ``epsilon_high=0.28``, ``beta=0``,
+  ``scale_rewards="group"``, transformers' ``generate``, no vLLM, ``use_cpu``, no bf16, no gradient
+  checkpointing) on the same checkpoint and tokenizer, with dapo's scorer as its reward function and an
+  identical AdamW passed in; a step is timed from ``on_step_begin`` to ``on_step_end`` (generation,
+  scoring, loss, backward, optimizer step).
+
+Old log-probs: with one update per generation both sides skip the separate forward pass and use the
+detached log-probs of the update's own forward (ratio exactly 1). What still differs: dapo's dual clip
+(c = 10) is turned off here because TRL has none (at ratio 1 it never binds anyway); the
+advantage's epsilon is 1e-6 in dapo and 1e-4 in TRL. Each side runs its own model code on the same weights
+(dapo its native Qwen2, TRL transformers' ``Qwen2ForCausalLM``), and each samples with its own random
+stream, so response lengths match only on average: the mean tokens per response of each side is printed.
+
+Models: ``tiny`` is the embedded default (~0.8M-parameter Qwen2 after a short SFT on the task, so responses
+stop early); ``25m`` is a 25M-parameter Qwen2 with random weights and the tiny tokenizer, built locally
+(nothing is downloaded); it mostly runs to the 128-token limit and earns no reward, so its advantages are 0,
+but both sides still compute the whole update. Each side is warmed up, then the MEDIAN seconds per step of
+each is reported, and the ratio of the medians (TRL / dapo). The sides run one after the other in one process
+with the same torch threads; run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+import trl
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from dapo import algo, components
+from dapo.config import Config, load_config
+from dapo.data import PromptSampler
+from dapo.models.tiny import ensure_tiny_model
+from dapo.rewards import RewardPool
+from dapo.trainer import make_actor, make_collector, update_policy
+
+SIZES: dict[str, dict[str, int] | None] = {
+    "tiny": None,  # the embedded default model (dapo.models.tiny)
+    # 25.0M parameters with the tiny tokenizer's vocabulary (tied embeddings)
+    "25m": {"hidden_size": 512, "intermediate_size": 1792, "num_hidden_layers": 7,
+            "num_attention_heads": 8, "num_key_value_heads": 4},
+}  # fmt: skip
+PROMPTS, G, NEW_TOKENS = 8, 8, 128
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
+OVERRIDES = [
+    "model.device=cpu",
+    "model.dtype=float32",
+    f"trainer.prompts_per_step={PROMPTS}",
+    f"rollout.n={G}",
+    f"rollout.max_response_length={NEW_TOKENS}",
+    "rollout.temperature=1.0",
+    "rollout.top_p=1.0",
+    "rollout.top_k=-1",
+    "algorithm.dynamic_sampling=false",
+    "algorithm.dual_clip_c=null",  # TRL has no dual clip
+    f"actor.mini_batch_size={PROMPTS * G}",  # one optimizer step per RL step, as TRL below
+    f"actor.micro_batch_size={PROMPTS * G}",
+    "actor.warmup_steps=0",  # constant lr, as TRL below
+    "actor.epochs=1",
+    "reward.num_workers=0",  # score in-process on both sides
+    "reward.soft_overlong_punishment=false",  # see the module docstring; dapo_reward() would apply it too
+]
+
+
+def model_dir(size: str, root: Path) -> Path:
+    """The checkpoint directory of `size`: the cached tiny model, or a random Qwen2 with its tokenizer."""
+    tiny = ensure_tiny_model()
+    shape = SIZES[size]
+    if shape is None:
+        return tiny
+    path = root / size
+    if not path.exists():
+        base = json.loads((tiny / "config.json").read_text())
+        torch.manual_seed(0)
+        config = transformers.Qwen2Config(
+            vocab_size=base["vocab_size"], **shape, tie_word_embeddings=True, rope_theta=10000.0,
+            max_position_embeddings=512, bos_token_id=base.get("bos_token_id"),
+            eos_token_id=base["eos_token_id"], pad_token_id=base.get("pad_token_id"),
+        )  # fmt: skip
+        transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+        for name in TOKENIZER_FILES:
+            if (tiny / name).is_file():
+                shutil.copy(tiny / name, path / name)
+    return path
+
+
+def num_parameters(path: Path) -> int:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def dapo_step_times(cfg: Config, steps: int, warmup: int) -> list[dict[str, float]]:
+    """Run warm-up + measured steps of dapo's trainer loop (no eval, logging or checkpoints); per-step
+    seconds (total and split) and mean response length of the measured steps."""
+    torch.manual_seed(cfg.trainer.seed)
+    model, tokenizer, _ = components.load_policy(cfg.model)
+    examples = components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
+    prompts = components.tokenize_prompts(examples[:PROMPTS], tokenizer, cfg.data.max_prompt_length)
+    engine = components.make_engine(cfg.rollout, model, tokenizer)
+    scorer = components.make_reward_pool(cfg.reward)
+    actor = make_actor(cfg, model)
+    # the same 8 prompts every step
+    sampler = PromptSampler(len(prompts), seed=cfg.trainer.seed, shuffle=False)
+    collector = make_collector(cfg, engine, prompts, tokenizer, scorer.score, sampler)
+    rows = []
+    for step in range(1, warmup + steps + 1):
+        t0 = time.perf_counter()
+        collected = collector.collect(step)
+        t1 = time.perf_counter()
+        if len(collected.groups) != PROMPTS:
+            raise RuntimeError(f"dapo collected {len(collected.groups)} groups, expected {PROMPTS}")
+        update_policy(cfg, actor, collected.groups, tokenizer)
+        t2 = time.perf_counter()
+        m = collected.metrics
+        rows.append(
+            {
+                "step": t2 - t0,
+                "generate": m["time/generate_s"],
+                "score": m["time/score_s"],
+                "update": t2 - t1,
+                "other": (t1 - t0) - m["time/generate_s"] - m["time/score_s"],
+                "tokens": m["rollout/response_length_mean"],
+            }
+        )
+    scorer.close()
+    return rows[warmup:]
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step of a Trainer (generation happens inside the step in GRPOTrainer)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def dapo_reward(cfg: Config, pool: RewardPool, lengths: list[float]) -> Callable[..., list[float]]:
+    """A TRL reward function computing exactly dapo's reward (the math_dapo score, plus the soft overlong
+    punishment when the config turns it on); it records each call's mean completion length in `lengths`."""
+
+    def math_dapo(
+        completions: list[str], completion_ids: list[list[int]], answer: list[str], **_: Any
+    ) -> list[float]:
+        scores = [r.score for r in pool.score(completions, answer).results]
+        n = torch.tensor([len(ids) for ids in completion_ids])
+        lengths.append(float(n.float().mean()))
+        if not cfg.reward.soft_overlong_punishment:
+            return scores
+        penalty = algo.soft_overlong_penalty(
+            n, max_length=cfg.rollout.max_response_length, cache_length=cfg.reward.overlong_cache_length
+        )
+        factor = cfg.reward.overlong_penalty_factor
+        return [s + factor * float(p) for s, p in zip(scores, penalty, strict=True)]
+
+    return math_dapo
+
+
+def trl_step_times(cfg: Config, path: Path, steps: int, warmup: int, out: Path) -> list[dict[str, float]]:
+    """Run warm-up + measured steps of TRL's GRPOTrainer on the same work; per-step seconds (total and
+    transformers.generate) and mean response length of the measured steps."""
+    threads = torch.get_num_threads()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    examples = components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
+    prompts = components.tokenize_prompts(examples[:PROMPTS], tokenizer, cfg.data.max_prompt_length)
+    texts = [
+        tokenizer.apply_chat_template(e.chat_messages(), tokenize=False, add_generation_prompt=True)
+        for e in prompts.examples
+    ]
+    for text, ids in zip(texts, prompts.prompt_ids, strict=True):  # TRL tokenizes plain-text prompts this way
+        if tokenizer(text=text)["input_ids"] != ids:
+            raise RuntimeError(f"TRL would see other prompt tokens than dapo for {text!r}")
+    stops = list(components.stop_token_ids(tokenizer))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, local_files_only=True
+    )
+    model.generation_config.eos_token_id = stops  # TRL stops on these (plus the tokenizer's eos)
+    total = warmup + steps
+    # rows in order, no shuffling: every step takes the same 8 prompts (RepeatSampler repeats each G times)
+    dataset = datasets.Dataset.from_dict({"prompt": texts * total, "answer": prompts.answers * total})
+    a = cfg.actor
+    args = trl.GRPOConfig(
+        output_dir=str(out), max_steps=total, per_device_train_batch_size=PROMPTS * G, num_generations=G,
+        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=NEW_TOKENS,
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=0, loss_type="dapo",
+        epsilon=cfg.algorithm.eps_low, epsilon_high=cfg.algorithm.eps_high, beta=0.0, scale_rewards="group",
+        mask_truncated_completions=cfg.algorithm.overlong_filter, use_vllm=False, use_cpu=True, bf16=False,
+        fp16=False, activation_checkpointing=False, learning_rate=a.lr, adam_beta1=a.betas[0],
+        adam_beta2=a.betas[1], adam_epsilon=1e-8, weight_decay=a.weight_decay, max_grad_norm=a.grad_clip,
+        lr_scheduler_type="constant", warmup_steps=0, shuffle_dataset=False, seed=cfg.trainer.seed,
+        report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, log_completions=False,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    # dapo's optimizer exactly: AdamW with weight decay on every parameter (Trainer's default exempts biases
+    # and norms), constant learning rate
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, eps=1e-8
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    pool = components.make_reward_pool(cfg.reward)
+    lengths: list[float] = []
+    timer = StepTimer()
+    trainer = trl.GRPOTrainer(
+        model=model, reward_funcs=dapo_reward(cfg, pool, lengths), args=args, train_dataset=dataset,
+        processing_class=tokenizer, callbacks=[timer], optimizers=(optimizer, scheduler),
+    )  # fmt: skip
+    trainer.remove_callback(transformers.PrinterCallback)  # it would print the final metrics dict
+    if trainer.args.gradient_checkpointing or torch.get_num_threads() != threads:
+        raise RuntimeError("TRL turned on gradient checkpointing or changed the number of threads")
+    if sorted(trainer.eos_token_ids) != sorted(stops):
+        raise RuntimeError(f"TRL stops on {trainer.eos_token_ids}, dapo on {stops}")
+    generate_seconds: list[float] = []
+    generate = model.generate
+
+    def timed_generate(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        result = generate(*args, **kwargs)
+        generate_seconds.append(time.perf_counter() - t0)
+        return result
+
+    model.generate = timed_generate  # instrumentation only: the same call, timed
+    trainer.train()
+    pool.close()
+    if not (len(timer.seconds) == len(lengths) == len(generate_seconds) == total):
+        raise RuntimeError(
+            f"expected {total} TRL steps, got {len(timer.seconds)} timed, {len(lengths)} scored, "
+            f"{len(generate_seconds)} generate calls"
+        )
+    rows = [
+        {"step": s, "generate": g, "tokens": n}
+        for s, g, n in zip(timer.seconds, generate_seconds, lengths, strict=True)
+    ]
+    return rows[warmup:]
+
+
+def median(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def bench(size: str, steps: int, warmup: int, root: Path) -> None:
+    path = model_dir(size, root)
+    cfg = load_config("tiny", [*OVERRIDES, f"model.path={path}"])
+    ours = dapo_step_times(cfg, steps, warmup)
+    theirs = trl_step_times(cfg, path, steps, warmup, root / f"trl-{size}")
+    d, t = median(ours, "step"), median(theirs, "step")
+    print(f"{size} ({num_parameters(path) / 1e6:.2f}M parameters, {path})")
+    print(f"  dapo {d:8.3f} s/step   TRL {t:8.3f} s/step   TRL/dapo {t / d:5.2f}x")
+    print(
+        f"  tokens per response: dapo {statistics.mean(r['tokens'] for r in ours):6.1f}   "
+        f"TRL {statistics.mean(r['tokens'] for r in theirs):6.1f}"
+    )
+    split = "  ".join(
+        f"{k.replace('_', ' ')} {median(ours, k):.3f}" for k in ("generate", "score", "update", "other")
+    )
+    print(f"  dapo split (s, medians): {split}")
+    print(f"  TRL generate (transformers.generate, s, median): {median(theirs, 'generate'):.3f}")
+    per_step = {name: [round(r["step"], 3) for r in rows] for name, rows in (("dapo", ours), ("TRL", theirs))}
+    print(f"  per step (s): {per_step}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=[*SIZES, "all"], default="all")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per side (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per side before those")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("need --steps >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    # transformers 5 renamed gradient checkpointing; TRL still asks under the old name
+    warnings.filterwarnings("ignore", message=".*will be removed in v6", category=FutureWarning)
+    datasets.disable_progress_bars()
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"{PROMPTS} prompts x {G} responses, <= {NEW_TOKENS} new tokens, T=1, float32 on CPU, dynamic "
+        f"sampling off; median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    sizes = list(SIZES) if args.size == "all" else [args.size]
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            bench(size, args.steps, args.warmup, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
