@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test lint typecheck pytest
+.PHONY: setup train test lint typecheck pytest bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/constraints.txt
@@ -23,3 +23,10 @@ pytest: setup
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
+
+# The side-by-side benchmarks (README "Speed"): installs the bench extra (TRL, py-spy) with torch still pinned.
+bench: setup
+	PIP_CONSTRAINT=scripts/constraints.txt $(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/update.py
+	$(BIN)/python bench/rl_step.py
