@@ -126,7 +126,7 @@ def test_update_without_old_logprobs_fills_them_in_on_policy() -> None:
     assert batch.old_logprobs is not None
     torch.testing.assert_close(batch.old_logprobs, expected_old, rtol=1e-6, atol=1e-6)
     for k, v in precomputed.model.state_dict().items():
-        torch.testing.assert_close(fused_model.state_dict()[k], v, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(fused_model.state_dict()[k], v, rtol=1e-5, atol=1e-7)
     single = make_actor(copy.deepcopy(base), micro=8, mini=8)
     batch.old_logprobs = None
     metrics = single.update(batch)
