@@ -363,16 +363,21 @@ def _read_json(path: Path, keys: dict[str, bool], max_rows: int | None) -> _RawR
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _to_messages(value: Any, key: str) -> tuple[Message, ...]:
-    """Validate a prompt: a non-empty string, or {role, content} dicts with a non-empty user message."""
-    accepted = "a non-empty string (bare problem) or a list of {'role', 'content'} messages"
+def _check_present(value: Any, key: str, accepted: str) -> None:
+    """A missing key, a null, or a blank string is a row error naming the key."""
     if value is _MISSING:
         raise _RowError(f"missing key {key!r}")
     if value is None:
         raise _RowError(f"{key!r} is null; expected {accepted}")
+    if isinstance(value, str) and not value.strip():
+        raise _RowError(f"{key!r} is an empty string")
+
+
+def _to_messages(value: Any, key: str) -> tuple[Message, ...]:
+    """Validate a prompt: a non-empty string, or {role, content} dicts with a non-empty user message."""
+    accepted = "a non-empty string (bare problem) or a list of {'role', 'content'} messages"
+    _check_present(value, key, accepted)
     if isinstance(value, str):
-        if not value.strip():
-            raise _RowError(f"{key!r} is an empty string")
         return (Message("user", value),)
     if not isinstance(value, list):
         raise _RowError(f"{key!r} has type {type(value).__name__}; expected {accepted}")
@@ -412,13 +417,8 @@ def _apply_template(messages: tuple[Message, ...], mode: str) -> tuple[Message, 
 def _to_answer(value: Any, key: str) -> str:
     """Validate an answer: a non-empty string, an int, or an integral float (becomes the integer's string)."""
     accepted = "a non-empty string, an integer, or an integral float"
-    if value is _MISSING:
-        raise _RowError(f"missing key {key!r}")
-    if value is None:
-        raise _RowError(f"{key!r} is null; expected {accepted}")
+    _check_present(value, key, accepted)
     if isinstance(value, str):
-        if not value.strip():
-            raise _RowError(f"{key!r} is an empty string")
         return value
     # bool is an int subclass, but True as an answer is a data error, not "1".
     if isinstance(value, int) and not isinstance(value, bool):
