@@ -3,30 +3,33 @@
     python bench/update.py [--size tiny|3m|25m|all] [--dtype float32|bfloat16|all] [--repeats 5]
                            [--threads N] [--micro-batch-size 8] [--profile]
 
-Workload: one DAPO training step's batch, 8 prompts x 8 responses = 64 right-padded prompt+response rows
-(prompts of random lengths 32-64 tokens, responses of random lengths 16-128 tokens, random 0/1 rewards with
-every group mixed, so the group-relative advantages are non-zero; random rollout log-probs), packed by
-`dapo.collect.make_train_batch` as the trainer packs it; fixed seed. Both models are loaded from the same
-checkpoint with `dapo.models.load_pretrained` (``implementation="native"`` and ``"hf"``, the latter wrapping
-transformers' ``*ForCausalLM``), and the identical `dapo.train.Actor` code (AdamW at lr 1e-6 without warm-up,
-so the weights barely move; micro-batches of 8 rows by default) runs on each: only the model implementation
-differs.
+Workload: one DAPO training step's batch, 8 prompts x 8 responses (prompts of random lengths 32-64 tokens,
+responses of random lengths 16-128 tokens, random 0/1 rewards with every group mixed, so the group-relative
+advantages are non-zero; random rollout log-probs), packed by `dapo.collect.make_train_batch` as the trainer
+packs it; fixed seed. Both models are loaded from the same checkpoint with `dapo.models.load_pretrained`
+(``implementation="native"`` and ``"hf"``, the latter wrapping transformers' ``*ForCausalLM``), and the
+identical `dapo.train.Actor` code (AdamW at lr 1e-6 without warm-up, so the weights barely move; micro-batches
+of 8 responses by default) runs on each: only the model's ``forward_responses`` differs. The native model
+computes each prompt once for all the responses of its group in a micro-batch; transformers' runs one
+prompt + response row per response (`dapo.models.forward_responses_unshared`).
 
 Each repeat, per model: `actor.compute_logprobs` (the old log-probs, a no-grad forward; timed and reported
-separately) then `actor.update` = forward + backward + gradient clipping + one AdamW step over all 64 rows
-(the headline figure). Tokens/s counts real (non-padding) prompt+response tokens. Each model is warmed up
-once, then runs alternate (native, transformers, native, ...); the MEDIAN of each is reported and the ratio is
-the median of the per-repeat ratios (robust to a drifting machine load).
+separately) then `actor.update` = forward + backward + gradient clipping + one AdamW step over all 64
+responses (the headline figure). Tokens/s counts the same work for both: each response's real prompt +
+response tokens. Each model is warmed up once, then runs alternate (native, transformers, native, ...); the
+MEDIAN of each is reported and the ratio is the median of the per-repeat ratios (robust to a drifting load).
 
 Model FLOPs of one update (real tokens only; padding computed on is overhead, not work):
 
-    6 * N * tokens + 6 * n_layers * d_attn * sum_i L_i * (L_i + 1)
+    6 * N * tokens + 6 * n_layers * d_attn * sum (query-key pairs of causal attention, x2)
 
 with N = non-embedding parameters + the lm_head's V * D (counted even when tied to the embedding: the lookup
-is free, the output projection is not), tokens = sum_i L_i over the rows' real lengths L_i, d_attn = heads *
-head_dim; the second term is causal attention (QK^T and AV, 2 * d_attn * L(L+1) FLOPs per layer forward) times
-3 for forward + backward. The log-prob pass is a third of that. Peak: the median GFLOP/s of a 2048 x 2048
-matmul measured in this script for each dtype, both as ``torch.mm`` (MKL) and through oneDNN
+is free, the output projection is not), d_attn = heads * head_dim; the second term is causal attention (QK^T
+and AV, 2 * d_attn FLOPs per query-key pair per layer forward) times 3 for forward + backward. The tokens
+and pairs are those each model really computes: with prompts shared, a prompt's tokens count once per
+micro-batch group instead of once per response (counted once per group here: the FLOPs are a lower bound, so
+the fraction of peak is not flattered). The log-prob pass is a third of that. Peak: the median GFLOP/s of a
+2048 x 2048 matmul measured in this script for each dtype, both as ``torch.mm`` (MKL) and through oneDNN
 (``torch.ops.mkldnn._linear_pointwise``, which on AMD CPUs runs AVX-512 kernels where MKL's sgemm runs AVX2);
 the larger is "peak", so the fraction of peak is honest. ``--profile`` prints torch.profiler's top ops by
 self CPU time for one native update per case. Nothing is downloaded: the 3m and 25m models (bench/rollout.py's
@@ -95,15 +98,27 @@ def make_batch(vocab: int, pad: int, seed: int = 1234) -> TrainBatch:
     return make_train_batch(groups, pad_token_id=pad)
 
 
-def update_flops(model: CausalLM, batch: TrainBatch) -> float:
-    """Model FLOPs of one forward + backward over the batch's real tokens (formula: module docstring)."""
+def update_flops(model: CausalLM, batch: TrainBatch, *, shared: bool) -> float:
+    """Model FLOPs of one forward + backward over the batch's real tokens (formula: module docstring), with
+    each prompt computed once per group (`shared`, the native model) or once per response (transformers)."""
     a = model.args
     embed = model.model.embed_tokens.weight.numel()
     n = sum(p.numel() for p in model.parameters()) - embed + a.vocab_size * a.hidden_size
-    lengths = batch.attention_mask.sum(1).double()
-    d_attn = a.num_attention_heads * a.head_dim
-    attention = 6 * a.num_hidden_layers * d_attn * float((lengths * (lengths + 1)).sum())
-    return 6 * n * float(lengths.sum()) + attention
+    prompt = batch.prompt_mask.sum(1).double()  # [N]
+    p = prompt[batch.prompt_index]  # [B]
+    rows = p + batch.response_lengths.double()  # [B] prompt + response
+    pairs = rows * (rows + 1) - p * (p + 1)  # 2 x causal query-key pairs of the response tokens
+    tokens = batch.response_lengths.double().sum()
+    if shared:
+        pairs, tokens = pairs.sum() + (prompt * (prompt + 1)).sum(), tokens + prompt.sum()
+    else:
+        pairs, tokens = pairs.sum() + (p * (p + 1)).sum(), tokens + p.sum()
+    return 6 * n * float(tokens) + 6 * a.num_hidden_layers * a.num_attention_heads * a.head_dim * float(pairs)
+
+
+def row_tokens(batch: TrainBatch) -> int:
+    """Real prompt + response tokens summed over the responses (each response counts its prompt)."""
+    return int(batch.prompt_mask.sum(1)[batch.prompt_index].sum() + batch.response_lengths.sum())
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -169,8 +184,9 @@ def bench(
     hf_state = hf.hf.state_dict()
     assert all(torch.equal(v, hf_state[k]) for k, v in native.state_dict().items()), "weights differ"
     batch = make_batch(native.args.vocab_size, PAD)
-    tokens = int(batch.attention_mask.sum())
-    flops = update_flops(native, batch)
+    tokens = row_tokens(batch)
+    flops = {"native": update_flops(native, batch, shared=True)}
+    flops["transformers"] = update_flops(native, batch, shared=False)
     actors = {"native": make_actor(native, micro), "transformers": make_actor(hf, micro)}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in actors}
     for actor in actors.values():
@@ -183,7 +199,7 @@ def bench(
     med = {k: statistics.median(v) for k, v in upd.items()}
     ratio = statistics.median(a / b for a, b in zip(upd["native"], upd["transformers"], strict=True))
     peak = max(peaks.values())
-    gf = {k: flops * v / tokens / 1e9 for k, v in med.items()}
+    gf = {k: flops[k] * v / tokens / 1e9 for k, v in med.items()}
     pct = {k: 100 * v / peak for k, v in gf.items()}
     n_params = sum(p.numel() for p in native.parameters())
     label = f"{size} ({n_params / 1e6:.2f}M) {dtype_name}"
@@ -195,7 +211,8 @@ def bench(
     )
     runs = ", ".join(f"{k} {[round(x) for x in v]}" for k, v in upd.items())
     print(
-        f"{'':<24} {tokens} tokens, {flops / 1e9:.1f} GFLOP/update, transformers attention {attn}; "
+        f"{'':<24} {tokens} tokens, GFLOP/update native {flops['native'] / 1e9:.1f} (prompts shared), "
+        f"transformers {flops['transformers'] / 1e9:.1f}, transformers attention {attn}; "
         f"log-prob pass native {lp['native']:.0f} "
         f"tok/s, transformers {lp['transformers']:.0f} tok/s ({lp['native'] / lp['transformers']:.2f}x); "
         f"update runs: {runs}"

@@ -156,17 +156,22 @@ def test_collector_state_round_trip_continues_exactly() -> None:
         assert ga.groups == gb.groups and untimed[0] == untimed[1]
 
 
-def test_make_train_batch_packs_rows_and_advantages() -> None:
+def test_make_train_batch_packs_prompts_once_and_responses_and_advantages() -> None:
     g1 = Group(
         0, "toy", [5, 6], [[7], [8, 9]], [[-0.1], [-0.2, -0.3]], [False, True], [True, False], [1.0, -1.0], 1
     )
-    batch = make_train_batch([g1], pad_token_id=0, overlong_filter=False)
-    assert batch.input_ids.tolist() == [[5, 6, 7, 0], [5, 6, 8, 9]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    # target t is input_ids[t + 1]; response tokens start at index 2 → mask positions 1.. of [B, T-1]
-    assert batch.response_mask.tolist() == [[0, 1, 0], [0, 1, 1]]
-    torch.testing.assert_close(batch.rollout_logprobs, torch.tensor([[0, -0.1, 0], [0, -0.2, -0.3]]))
+    g2 = Group(1, "toy", [4], [[3], [2]], [[-0.4], [-0.5]], [False, False], [True, False], [1.0, 0.0], 1)
+    batch = make_train_batch([g1, g2], pad_token_id=0, overlong_filter=False)
+    assert batch.prompt_ids.tolist() == [[5, 6], [0, 4]]  # one row per group, left-padded
+    assert batch.prompt_mask.tolist() == [[1, 1], [0, 1]]
+    assert batch.prompt_index.tolist() == [0, 0, 1, 1]
+    assert batch.response_ids.tolist() == [[7, 0], [8, 9], [3, 0], [2, 0]]  # right-padded
+    assert batch.response_lengths.tolist() == [1, 2, 1, 1]
+    assert batch.response_mask.tolist() == [[1, 0], [1, 1], [1, 0], [1, 0]]  # position j = response token j
+    torch.testing.assert_close(
+        batch.rollout_logprobs, torch.tensor([[-0.1, 0], [-0.2, -0.3], [-0.4, 0], [-0.5, 0]])
+    )
     # rewards (1, -1): mean 0, Bessel std sqrt(2) → ±1/sqrt(2) (eps 1e-6 is negligible)
-    assert batch.advantages.tolist() == pytest.approx([0.7071063, -0.7071063], abs=1e-6)
+    assert batch.advantages.tolist() == pytest.approx([0.7071063, -0.7071063] * 2, abs=1e-6)
     filtered = make_train_batch([g1], pad_token_id=0, overlong_filter=True)
-    assert filtered.response_mask.tolist() == [[0, 1, 0], [0, 0, 0]]  # the truncated response leaves the loss
+    assert filtered.response_mask.tolist() == [[1, 0], [0, 0]]  # the truncated response leaves the loss

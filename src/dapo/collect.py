@@ -286,7 +286,8 @@ class Collector:
 def make_train_batch(
     groups: Sequence[Group], *, pad_token_id: int, std_normalize: bool = True, overlong_filter: bool = False
 ) -> TrainBatch:
-    """Pack groups into right-padded prompt+response rows with group-relative advantages (Eq. 9).
+    """Pack groups into a `TrainBatch` (each group's prompt once, left-padded; responses right-padded) with
+    group-relative advantages (Eq. 9).
 
     With `overlong_filter` (§3.4), truncated responses leave the loss's numerator and denominator: their
     response mask is zero, and their rewards still take part in their group's mean and std (as in the
@@ -294,28 +295,33 @@ def make_train_batch(
     """
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
     advantages = algo.group_advantages(rewards, scale_by_std=std_normalize).reshape(-1)  # [N*G]
+    n, p = len(groups), max(len(g.prompt_ids) for g in groups)
+    prompt_ids = torch.full((n, p), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, p), dtype=torch.long)
+    for i, g in enumerate(groups):
+        prompt_ids[i, p - len(g.prompt_ids) :] = torch.tensor(g.prompt_ids, dtype=torch.long)
+        prompt_mask[i, p - len(g.prompt_ids) :] = 1
     rows = [
-        (g.prompt_ids, r, lp, t)
-        for g in groups
+        (i, r, lp, t)
+        for i, g in enumerate(groups)
         for r, lp, t in zip(g.responses, g.rollout_logprobs, g.truncated, strict=True)
     ]
-    length = max(len(p) + len(r) for p, r, _, _ in rows)
-    b = len(rows)
-    input_ids = torch.full((b, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, length), dtype=torch.long)
-    response_mask = torch.zeros((b, length - 1), dtype=torch.float32)
-    rollout_logprobs = torch.zeros((b, length - 1), dtype=torch.float32)
-    for i, (prompt, response, logprobs, truncated) in enumerate(rows):
-        p, r = len(prompt), len(response)
-        input_ids[i, : p + r] = torch.tensor(prompt + response)
-        attention_mask[i, : p + r] = 1
-        # target token input_ids[p + j] (response token j) is predicted at position p + j - 1
-        rollout_logprobs[i, p - 1 : p - 1 + r] = torch.tensor(logprobs, dtype=torch.float32)
+    b, length = len(rows), max(max(len(r) for _, r, _, _ in rows), 1)
+    response_ids = torch.full((b, length), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((b, length), dtype=torch.float32)
+    rollout_logprobs = torch.zeros((b, length), dtype=torch.float32)
+    for j, (_, response, logprobs, truncated) in enumerate(rows):
+        r = len(response)
+        response_ids[j, :r] = torch.tensor(response, dtype=torch.long)
+        rollout_logprobs[j, :r] = torch.tensor(logprobs, dtype=torch.float32)
         if not (overlong_filter and truncated):
-            response_mask[i, p - 1 : p - 1 + r] = 1.0
+            response_mask[j, :r] = 1.0
     return TrainBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        prompt_index=torch.tensor([i for i, _, _, _ in rows], dtype=torch.long),
+        response_ids=response_ids,
+        response_lengths=torch.tensor([len(r) for _, r, _, _ in rows], dtype=torch.long),
         response_mask=response_mask,
         advantages=advantages,
         rollout_logprobs=rollout_logprobs,

@@ -5,6 +5,9 @@ Each turns one config section into a ready object, so the trainer loop and the e
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +53,33 @@ def load_policy(cfg: ModelConfig, *, path: str | None = None) -> tuple[nn.Module
 
     model_dir = resolve_model_path(path or cfg.path)
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        retain_freed_memory()
     model = load_pretrained(model_dir, dtype=cfg.dtype, device=device, implementation=cfg.implementation)
     tokenizer = load_tokenizer(model_dir)
     return model, tokenizer, model_dir
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS (Linux only).
+
+    PyTorch's CPU tensors come straight from malloc, and glibc serves large blocks with fresh ``mmap``s and
+    trims the heap after frees, so every micro-batch's activations land on new pages that the kernel must
+    zero-fill on first touch: measured ~15% of a CPU policy update (10-60k page faults per step on the tiny
+    model). Afterwards the process's memory stays at its peak instead of shrinking between steps. Returns
+    whether the settings took effect (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and others: leave the allocator as it is
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all(mallopt(opt, value) == 1 for opt, value in (
+        (m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)
+    ))  # fmt: skip
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -14,10 +14,12 @@ loss or gradient skips that optimizer step and leaves the weights unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,44 +30,60 @@ from dapo.config import ActorConfig, AlgorithmConfig
 
 @dataclass
 class TrainBatch:
-    """A step's responses, packed as right-padded prompt+response rows.
+    """A step's responses, each group's prompt stored once.
 
-    Token-aligned tensors are `[B, T-1]`: position t describes target token `input_ids[:, t+1]`.
+    Token-aligned tensors are `[B, R]`, aligned with `response_ids`: position j is response token j. The
+    model computes a prompt once for all the responses that continue it (`CausalLM.forward_responses`).
     """
 
-    input_ids: Tensor  # [B, T] prompt + response, right-padded
-    attention_mask: Tensor  # [B, T] 1 = real token
-    response_mask: Tensor  # [B, T-1] 1 = a response token that enters the loss
+    prompt_ids: Tensor  # [N, P] left-padded
+    prompt_mask: Tensor  # [N, P] 1 = real token
+    prompt_index: Tensor  # [B] the prompt row each response continues
+    response_ids: Tensor  # [B, R] right-padded
+    response_lengths: Tensor  # [B] real tokens per response
+    response_mask: Tensor  # [B, R] 1 = a response token that enters the loss
     advantages: Tensor  # [B] one value per response (Eq. 9)
-    rollout_logprobs: Tensor  # [B, T-1] the engine's log-probs of the sampled tokens (0 elsewhere)
-    old_logprobs: Tensor | None = None  # [B, T-1] the trainer's log-probs before the update
+    rollout_logprobs: Tensor  # [B, R] the engine's log-probs of the sampled tokens (0 elsewhere)
+    old_logprobs: Tensor | None = None  # [B, R] the trainer's log-probs before the update
 
     def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.response_ids.shape[0])
 
     def rows(self, index: slice) -> TrainBatch:
-        """A slice of rows, trimmed to the longest real sequence in it (less padding to compute on)."""
-        length = max(int(self.attention_mask[index].sum(dim=1).max().item()), 2)
+        """A slice of responses with only the prompts they continue, trimmed to the longest prompt and
+        response in it (less padding to compute on)."""
+        used, prompt_index = torch.unique(self.prompt_index[index], return_inverse=True)
+        prompt_mask = self.prompt_mask[used]
+        p = max(int(prompt_mask.sum(1).max()), 1)  # left-padded: keep the last p columns
+        r = max(int(self.response_lengths[index].max()), 1)
         old = self.old_logprobs
         return TrainBatch(
-            input_ids=self.input_ids[index, :length],
-            attention_mask=self.attention_mask[index, :length],
-            response_mask=self.response_mask[index, : length - 1],
+            prompt_ids=self.prompt_ids[used, -p:],
+            prompt_mask=prompt_mask[:, -p:],
+            prompt_index=prompt_index,
+            response_ids=self.response_ids[index, :r],
+            response_lengths=self.response_lengths[index],
+            response_mask=self.response_mask[index, :r],
             advantages=self.advantages[index],
-            rollout_logprobs=self.rollout_logprobs[index, : length - 1],
-            old_logprobs=None if old is None else old[index, : length - 1],
+            rollout_logprobs=self.rollout_logprobs[index, :r],
+            old_logprobs=None if old is None else old[index, :r],
         )
 
     def to(self, device: torch.device) -> TrainBatch:
-        old = self.old_logprobs
-        return TrainBatch(
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            response_mask=self.response_mask.to(device),
-            advantages=self.advantages.to(device),
-            rollout_logprobs=self.rollout_logprobs.to(device),
-            old_logprobs=None if old is None else old.to(device),
-        )
+        moved: dict[str, Tensor] = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+        return dataclasses.replace(self, **moved)
+
+
+class ResponseModel(Protocol):
+    """What the actor needs of a policy (`CausalLM` and `HFCausalLM` have it)."""
+
+    def forward_responses(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, response_ids: Tensor
+    ) -> Tensor: ...
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
@@ -110,25 +128,24 @@ class Actor:
         for lo in range(start, stop, self.cfg.micro_batch_size):
             yield lo, batch.rows(slice(lo, min(lo + self.cfg.micro_batch_size, stop))).to(self.device)
 
+    def _logits(self, mb: TrainBatch) -> Tensor:
+        """Logits of every response position, `[b, r, V]` in float32."""
+        model = cast(ResponseModel, self.model)
+        logits = model.forward_responses(mb.prompt_ids, mb.prompt_mask, mb.prompt_index, mb.response_ids)
+        return logits.float()
+
     def _token_stats(self, mb: TrainBatch) -> algo.TokenStats:
-        logits = self.model(mb.input_ids, attention_mask=mb.attention_mask)  # [b, t, V]
-        return algo.token_stats_from_logits(
-            logits[:, :-1].float(), mb.input_ids[:, 1:], temperature=self.temperature
-        )
+        return algo.token_stats_from_logits(self._logits(mb), mb.response_ids, temperature=self.temperature)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> Tensor:
-        """The trainer's log-probs of every target token, `[B, T-1]` (0 outside responses), in
+        """The trainer's log-probs of every response token, `[B, R]` (0 outside the loss mask), in
         micro-batches."""
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
         for lo in range(0, len(batch), self.cfg.micro_batch_size):
             mb = batch.rows(slice(lo, lo + self.cfg.micro_batch_size)).to(self.device)
-            logits = self.model(mb.input_ids, attention_mask=mb.attention_mask)
-            lp = algo.logprobs_from_logits(
-                logits[:, :-1].float(), mb.input_ids[:, 1:], temperature=self.temperature
-            )
-            t = lp.shape[1]
-            out[lo : lo + len(mb), :t] = (lp * mb.response_mask).cpu()
+            lp = algo.logprobs_from_logits(self._logits(mb), mb.response_ids, temperature=self.temperature)
+            out[lo : lo + len(mb), : lp.shape[1]] = (lp * mb.response_mask).cpu()
         return out
 
     def update(self, batch: TrainBatch) -> dict[str, float]:

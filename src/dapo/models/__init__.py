@@ -12,7 +12,7 @@ from dapo.models.hub import (
     resolve_dtype,
     save_pretrained,
 )
-from dapo.models.transformer import CausalLM, KVCache
+from dapo.models.transformer import CausalLM, KVCache, forward_responses_unshared
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -23,6 +23,7 @@ __all__ = [
     "RopeScaling",
     "UnsupportedModelError",
     "apply_chat_template",
+    "forward_responses_unshared",
     "load_pretrained",
     "load_tokenizer",
     "resolve_dtype",

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dapo.models.config import ModelArgs
-from dapo.models.transformer import CausalLM, KVCache
+from dapo.models.transformer import CausalLM, KVCache, forward_responses_unshared
 
 __all__ = [
     "HFCausalLM",
@@ -68,6 +68,12 @@ class HFCausalLM(nn.Module):
             return hidden
         logits: Tensor = self.hf(input_ids, **kwargs).logits
         return logits
+
+    def forward_responses(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, response_ids: Tensor
+    ) -> Tensor:
+        """`CausalLM.forward_responses` without prompt sharing: one ``prompt + response`` row each."""
+        return forward_responses_unshared(self, prompt_ids, prompt_mask, prompt_index, response_ids)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: Mapping[str, Any] | None = None) -> torch.dtype:

@@ -10,7 +10,8 @@ The model knows nothing of sampling or parallelism; `KVCache` is shaped for `dap
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from dapo.models.config import ModelArgs
 
-__all__ = ["CausalLM", "KVCache"]
+__all__ = ["CausalLM", "KVCache", "forward_responses_unshared"]
 
 
 class KVCache:
@@ -117,6 +118,21 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+@dataclass(frozen=True)
+class _SharedPrefix:
+    """The token layout of `CausalLM.forward_responses`: ``n`` left-padded prompts of ``P`` tokens, then ``b``
+    response rows of ``T`` tokens, flattened into one ``[n*P + b*T]`` token axis (so every linear layer runs
+    once over all of them); response row i continues prompt ``prompt_index[i]``."""
+
+    n: int
+    P: int
+    b: int
+    T: int
+    prompt_index: Tensor  # [b]
+    prompt_mask: Tensor | None  # [n, 1, P, P] bool (None: no padding, plain causal)
+    response_mask: Tensor  # [b, 1, T, P + T] bool: the prompt's real tokens, then causal
+
+
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` [B, T, H, Dh] by cos/sin [B, T, 1, Dh]; ``sin`` carries the sign of HF's rotate_half."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
@@ -134,6 +150,17 @@ class _Attention(nn.Module):
             self.q_norm = _RMSNorm(a.head_dim, a.rms_norm_eps)
             self.k_norm = _RMSNorm(a.head_dim, a.rms_norm_eps)
 
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries ``[..., H, Dh]``, rotated keys and values ``[..., H_kv, Dh]`` of ``x`` ``[..., D]``
+        (cos/sin broadcast as ``[..., 1, Dh]``)."""
+        a, shape = self, (*x.shape[:-1], -1, self.head_dim)
+        q = _linear(x, a.q_proj.weight, a.q_proj.bias).view(shape)
+        k = _linear(x, a.k_proj.weight, a.k_proj.bias).view(shape)
+        v = _linear(x, a.v_proj.weight, a.v_proj.bias).view(shape)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
     def forward(
         self,
         x: Tensor,  # [B, T, D]
@@ -145,14 +172,8 @@ class _Attention(nn.Module):
         start: int,
     ) -> Tensor:
         B, T, _ = x.shape
-        a, dh = self, self.head_dim
-        q = _linear(x, a.q_proj.weight, a.q_proj.bias).view(B, T, -1, dh)  # [B, T, H, Dh]
-        k = _linear(x, a.k_proj.weight, a.k_proj.bias).view(B, T, -1, dh)  # [B, T, H_kv, Dh]
-        v = _linear(x, a.v_proj.weight, a.v_proj.bias).view(B, T, -1, dh).transpose(1, 2)  # [B, H_kv, T, Dh]
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = _rope(q, cos, sin).transpose(1, 2)  # [B, H, T, Dh]
-        k = _rope(k, cos, sin).transpose(1, 2)  # [B, H_kv, T, Dh]
+        dh = self.head_dim
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x, cos, sin))  # [B, H or H_kv, T, Dh]
         if kv is not None:
             kv[0][:, :, start : start + T] = k
             kv[1][:, :, start : start + T] = v
@@ -169,6 +190,33 @@ class _Attention(nn.Module):
             )
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * dh)
         return _linear(out, self.o_proj.weight, self.o_proj.bias)  # [B, T, D]
+
+    def forward_shared(self, x: Tensor, cos: Tensor, sin: Tensor, s: _SharedPrefix) -> Tensor:
+        """Attention over `_SharedPrefix`'s flat token layout: x ``[n*P + b*T, D]`` -> same shape."""
+        gqa, split = self.n_heads > self.n_kv, s.n * s.P
+        q, k, v = self.qkv(x, cos, sin)  # [M, H or H_kv, Dh]
+
+        def prompts(t: Tensor) -> Tensor:
+            return t[:split].view(s.n, s.P, -1, self.head_dim).transpose(1, 2)  # [n, H, P, Dh]
+
+        def responses(t: Tensor) -> Tensor:
+            return t[split:].view(s.b, s.T, -1, self.head_dim).transpose(1, 2)  # [b, H, T, Dh]
+
+        kp, vp = prompts(k), prompts(v)
+        out = F.scaled_dot_product_attention(
+            prompts(q), kp, vp, attn_mask=s.prompt_mask, is_causal=s.prompt_mask is None, enable_gqa=gqa
+        )  # [n, H, P, Dh]
+        outs = [out.transpose(1, 2).reshape(split, -1)]
+        if s.T:
+            # each response attends to its prompt's keys and values (one copy per response), then its own
+            k_all = torch.cat([kp.index_select(0, s.prompt_index), responses(k)], 2)  # [b, H_kv, P + T, Dh]
+            v_all = torch.cat([vp.index_select(0, s.prompt_index), responses(v)], 2)
+            out = F.scaled_dot_product_attention(
+                responses(q), k_all, v_all, attn_mask=s.response_mask, enable_gqa=gqa
+            )  # [b, H, T, Dh]
+            outs.append(out.transpose(1, 2).reshape(s.b * s.T, -1))
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return _linear(out, self.o_proj.weight, self.o_proj.bias)  # [M, D]
 
 
 class _MLP(nn.Module):
@@ -205,6 +253,11 @@ class _Layer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, kv, start)
         out: Tensor = h + self.mlp(self.post_attention_layernorm(h))
         return out  # [B, T, D]
+
+    def forward_shared(self, h: Tensor, cos: Tensor, sin: Tensor, s: _SharedPrefix) -> Tensor:
+        h = h + self.self_attn.forward_shared(self.input_layernorm(h), cos, sin, s)
+        out: Tensor = h + self.mlp(self.post_attention_layernorm(h))
+        return out  # [n*P + b*T, D]
 
 
 class _Backbone(nn.Module):
@@ -296,6 +349,49 @@ class CausalLM(nn.Module):
         h = self.model.norm(h)
         return h if return_hidden else _linear(h, self.lm_head_weight)  # [B, T, V]
 
+    def forward_responses(
+        self,
+        prompt_ids: Tensor,  # [n, P] left-padded
+        prompt_mask: Tensor,  # [n, P] 1 = real token
+        prompt_index: Tensor,  # [b] the prompt row each response continues
+        response_ids: Tensor,  # [b, R] right-padded
+    ) -> Tensor:
+        """Logits ``[b, R, V]``: row i, position j predicts ``response_ids[i, j]`` after prompt
+        ``prompt_index[i]`` and the response's first j tokens.
+
+        Equal (up to float summation order) to `forward` on the rows ``prompt + response`` sliced to the
+        response positions, but each prompt is computed once for all of its responses (a group of G samples
+        shares one prompt), and no logits are computed for prompt tokens. Response padding must come after a
+        row's real tokens; it affects no real position.
+        """
+        (n, P), (b, R) = prompt_ids.shape, response_ids.shape
+        if prompt_mask.shape != prompt_ids.shape or prompt_index.shape != (b,) or R < 1:
+            raise ValueError(
+                f"forward_responses: prompt_ids {tuple(prompt_ids.shape)}, prompt_mask "
+                f"{tuple(prompt_mask.shape)}, prompt_index {tuple(prompt_index.shape)}, response_ids {(b, R)}"
+            )
+        dev, T = prompt_ids.device, R - 1  # the last response token predicts nothing we need
+        real = prompt_mask.bool()
+        prompt_pos = (real.long().cumsum(1) - 1).clamp(min=0)  # [n, P]; pads (on the left) get 0
+        response_pos = real.sum(1)[prompt_index, None] + torch.arange(T, device=dev)  # [b, T]
+        positions = torch.cat([prompt_pos.reshape(-1), response_pos.reshape(-1)])  # [M]
+        cos, sin = self._rope(int(positions.max()) + 1, dev)
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [M, 1, Dh]
+        prompt_mask4, _ = self._attention_mask(None if bool(real.all()) else real, None, P, 0, dev)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        response_mask4 = torch.cat(
+            [real[prompt_index, None, None, :].expand(b, 1, T, P), causal.expand(b, 1, T, T)], -1
+        )  # [b, 1, T, P + T]
+        s = _SharedPrefix(n, P, b, T, prompt_index, prompt_mask4, response_mask4)
+        tokens = torch.cat([prompt_ids.reshape(-1), response_ids[:, :T].reshape(-1)])  # [M]
+        h = self.model.embed_tokens(tokens)  # [M, D]
+        for layer in self.model.layers:
+            h = cast(_Layer, layer).forward_shared(h, cos, sin, s)
+        h = self.model.norm(h)
+        last = h[: n * P].view(n, P, -1)[:, -1].index_select(0, prompt_index)  # [b, D] predicts token 0
+        h = torch.cat([last[:, None], h[n * P :].view(b, T, h.shape[-1])], 1)  # [b, R, D]
+        return _linear(h, self.lm_head_weight)  # [b, R, V]
+
     def _attention_mask(
         self, pad: Tensor | None, cache: KVCache | None, n_new: int, start: int, dev: torch.device
     ) -> tuple[Tensor | None, bool]:
@@ -335,6 +431,18 @@ class CausalLM(nn.Module):
             table = torch.cat([cos, cos], -1).to(dev, dtype), torch.cat([-sin, sin], -1).to(dev, dtype)
         self._rope_table = table
         return table
+
+
+def forward_responses_unshared(
+    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, response_ids: Tensor
+) -> Tensor:
+    """`CausalLM.forward_responses` computed the plain way, for any model with `CausalLM`'s ``forward``: one
+    row ``prompt + response`` per response (prompts left-padded, so every row's prompt ends at ``P - 1``)."""
+    P, rest = prompt_ids.shape[1], response_ids[:, :-1]
+    ids = torch.cat([prompt_ids.index_select(0, prompt_index), rest], 1)  # [b, P + R - 1]
+    mask = torch.cat([prompt_mask.index_select(0, prompt_index), torch.ones_like(rest)], 1)
+    logits: Tensor = model(ids, attention_mask=mask)[:, P - 1 :]  # [b, R, V]
+    return logits
 
 
 def _llama3_scale(inv_freq: Tensor, a: ModelArgs) -> Tensor:
