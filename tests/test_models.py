@@ -166,30 +166,33 @@ def test_inference_and_training_paths_agree(hf_dir: Path) -> None:
     assert train.requires_grad and (fast - train.detach()).abs().max() <= 1e-4
 
 
-def test_shared_prompt_forward_equals_one_row_per_response(hf_dir: Path) -> None:
-    """forward_responses computes each prompt once for its responses: the same logits and gradients as one
-    left-padded row prompt + response per response, natively and through transformers (fp32, all families)."""
+@pytest.mark.parametrize("unpadded", [False, True])
+def test_shared_prompt_forward_equals_one_row_per_response(hf_dir: Path, unpadded: bool) -> None:
+    """forward_responses computes each prompt once for its responses (and, given the response lengths, skips
+    response padding in the linear layers): the same logits and gradients as one left-padded row prompt +
+    response per response, natively and through transformers (fp32, all families)."""
     ours, ref = _native(hf_dir), HFCausalLM(_hf(hf_dir))
     prompt_ids, prompt_mask = _pad(SEQS, "left")  # 3 prompts of 9, 3, 6 tokens
     prompt_index = torch.tensor([0, 0, 1, 2, 2, 2])
     response_ids = torch.randint(0, 128, (6, 7), generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([7, 3, 1, 5, 7, 2]) if unpadded else torch.full((6,), 7)
+    real = torch.arange(7) < lengths[:, None]  # [6, 7]
     args = (prompt_ids, prompt_mask, prompt_index, response_ids)
-    got = ours.forward_responses(*args)  # [6, 7, V]
+    got = ours.forward_responses(*args, lengths if unpadded else None)  # [6, 7, V]
     expected = ref.forward_responses(*args)  # one row per response, transformers
     assert got.shape == (6, 7, 128) and expected.std() > 0.5
-    assert (got - expected).abs().max() <= 1e-4
-    got.square().mean().backward()
+    assert (got[real] - expected[real]).abs().max() <= 1e-4
+    got[real].square().mean().backward()
     shared = {k: p.grad.clone() for k, p in ours.named_parameters() if p.grad is not None}
     ours.zero_grad()
-    forward_responses_unshared(ours, *args).square().mean().backward()
+    forward_responses_unshared(ours, *args)[real].square().mean().backward()
     assert len(shared) == len(list(ours.parameters()))
     for name, param in ours.named_parameters():
         assert param.grad is not None
         torch.testing.assert_close(shared[name], param.grad, rtol=1e-4, atol=1e-6)
     # one-token responses: only the prompt's last position is needed
-    torch.testing.assert_close(
-        ours.forward_responses(*args[:3], response_ids[:, :1]), expected[:, :1], rtol=1e-4, atol=1e-4
-    )
+    one = ours.forward_responses(*args[:3], response_ids[:, :1], torch.ones(6, dtype=torch.long))
+    torch.testing.assert_close(one, expected[:, :1], rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

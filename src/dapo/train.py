@@ -82,7 +82,12 @@ class ResponseModel(Protocol):
     """What the actor needs of a policy (`CausalLM` and `HFCausalLM` have it)."""
 
     def forward_responses(
-        self, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, response_ids: Tensor
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        prompt_index: Tensor,
+        response_ids: Tensor,
+        response_lengths: Tensor | None = None,
     ) -> Tensor: ...
 
 
@@ -131,7 +136,9 @@ class Actor:
     def _logits(self, mb: TrainBatch) -> Tensor:
         """Logits of every response position, `[b, r, V]` in float32."""
         model = cast(ResponseModel, self.model)
-        logits = model.forward_responses(mb.prompt_ids, mb.prompt_mask, mb.prompt_index, mb.response_ids)
+        logits = model.forward_responses(
+            mb.prompt_ids, mb.prompt_mask, mb.prompt_index, mb.response_ids, mb.response_lengths
+        )
         return logits.float()
 
     def _token_stats(self, mb: TrainBatch) -> algo.TokenStats:

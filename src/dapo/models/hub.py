@@ -70,7 +70,12 @@ class HFCausalLM(nn.Module):
         return logits
 
     def forward_responses(
-        self, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, response_ids: Tensor
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        prompt_index: Tensor,
+        response_ids: Tensor,
+        response_lengths: Tensor | None = None,  # unused: the rows are computed padded
     ) -> Tensor:
         """`CausalLM.forward_responses` without prompt sharing: one ``prompt + response`` row each."""
         return forward_responses_unshared(self, prompt_ids, prompt_mask, prompt_index, response_ids)
