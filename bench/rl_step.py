@@ -1,6 +1,7 @@
 """One RL step: dapo's DAPO step against TRL's ``GRPOTrainer`` step on identical work, on the CPU.
 
     python bench/rl_step.py [--size tiny|25m|all] [--steps 5] [--warmup 1] [--threads N]
+                            [--trl-retain-freed-memory]
 
 Workload (per step, both sides): the same 8 prompts of the built-in arithmetic task, chat-templated by dapo
 (~70 tokens; TRL gets them as text and re-tokenizes them to the same ids, checked), G = 8 responses each, at
@@ -31,8 +32,12 @@ Models: ``tiny`` is the embedded default (~0.8M-parameter Qwen2 after a short SF
 stop early); ``25m`` is a 25M-parameter Qwen2 with random weights and the tiny tokenizer, built locally
 (nothing is downloaded); it mostly runs to the 128-token limit and earns no reward, so its advantages are 0,
 but both sides still compute the whole update. Each side is warmed up, then the MEDIAN seconds per step of
-each is reported, and the ratio of the medians (TRL / dapo). The sides run one after the other in one process
-with the same torch threads; run it on an otherwise idle machine.
+each is reported, and the ratio of the medians (TRL / dapo). Each side runs in its own fresh Python process
+(one after the other, the same torch threads), so neither inherits the other's allocator state or warm
+caches; run it on an otherwise idle machine. dapo tunes glibc's malloc when it loads a CPU policy
+(`dapo.components.retain_freed_memory`: freed memory is kept for reuse instead of being returned to the OS);
+TRL runs with the allocator's defaults, as its users get it, unless ``--trl-retain-freed-memory`` gives it the
+same setting (reported for transparency: it speeds TRL up too).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -278,13 +285,39 @@ def median(rows: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def bench(size: str, steps: int, warmup: int, root: Path) -> None:
-    path = model_dir(size, root)
+def run_side(side: str, size: str, path: Path, args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
+    """One side's measured steps, run in a fresh Python process (this script with ``--side``)."""
+    cmd = [sys.executable, __file__, "--side", side, "--size", size, "--model", str(path), "--out", str(out)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.trl_retain_freed_memory:
+        cmd += ["--trl-retain-freed-memory"]
+    subprocess.run(cmd, check=True)
+    rows: list[dict[str, float]] = json.loads((out / f"{side}.json").read_text())
+    return rows
+
+
+def side_main(args: argparse.Namespace) -> None:
+    """Child process: run one side, write its rows as JSON."""
+    path, out = Path(args.model), Path(args.out)
     cfg = load_config("tiny", [*OVERRIDES, f"model.path={path}"])
-    ours = dapo_step_times(cfg, steps, warmup)
-    theirs = trl_step_times(cfg, path, steps, warmup, root / f"trl-{size}")
+    if args.side == "dapo":
+        rows = dapo_step_times(cfg, args.steps, args.warmup)
+    else:
+        if args.trl_retain_freed_memory:
+            components.retain_freed_memory()
+        rows = trl_step_times(cfg, path, args.steps, args.warmup, out / f"trl-{args.size}")
+    (out / f"{args.side}.json").write_text(json.dumps(rows))
+
+
+def bench(size: str, args: argparse.Namespace, root: Path) -> None:
+    path = model_dir(size, root)
+    ours = run_side("dapo", size, path, args, root)
+    theirs = run_side("trl", size, path, args, root)
     d, t = median(ours, "step"), median(theirs, "step")
-    print(f"{size} ({num_parameters(path) / 1e6:.2f}M parameters, {path})")
+    trl_malloc = ", TRL with dapo's malloc setting" if args.trl_retain_freed_memory else ""
+    print(f"{size} ({num_parameters(path) / 1e6:.2f}M parameters, {path}{trl_malloc})")
     print(f"  dapo {d:8.3f} s/step   TRL {t:8.3f} s/step   TRL/dapo {t / d:5.2f}x")
     print(
         f"  tokens per response: dapo {statistics.mean(r['tokens'] for r in ours):6.1f}   "
@@ -307,6 +340,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured steps per side (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per side before those")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument(
+        "--trl-retain-freed-memory", action="store_true", help="give TRL's process dapo's malloc setting"
+    )
+    parser.add_argument("--side", choices=["dapo", "trl"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
         parser.error("need --steps >= 1 and --warmup >= 0")
@@ -317,18 +356,22 @@ def main() -> None:
     # transformers 5 renamed gradient checkpointing; TRL still asks under the old name
     warnings.filterwarnings("ignore", message=".*will be removed in v6", category=FutureWarning)
     datasets.disable_progress_bars()
+    if args.side:
+        side_main(args)
+        return
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
     print(
         f"{PROMPTS} prompts x {G} responses, <= {NEW_TOKENS} new tokens, T=1, float32 on CPU, dynamic "
-        f"sampling off; median of {args.steps} steps after {args.warmup} warm-up"
+        f"sampling off; median of {args.steps} steps after {args.warmup} warm-up; each side in its own "
+        "process"
     )
     sizes = list(SIZES) if args.size == "all" else [args.size]
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
-            bench(size, args.steps, args.warmup, Path(tmp))
+            bench(size, args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -156,6 +156,34 @@ def test_kv_cache_decode_equals_full_forward(hf_dir: Path) -> None:
     assert cache.length == full_ids.shape[1] and cache.pos.tolist() == [14, 8, 11]
 
 
+@torch.no_grad()
+def test_shared_prefix_decode_equals_full_forward(hf_dir: Path) -> None:
+    """Prefill 3 prompts once, share them with 6 rows (cascade attention), decode 5 tokens per row, dropping
+    a row midway (uneven groups): each row's logits equal a full forward of its prompt + tokens."""
+    ours = _native(hf_dir)
+    ids, mask = _pad(SEQS, "left")
+    owners = torch.tensor([0, 0, 1, 2, 2, 2])
+    new = torch.randint(0, 128, (6, 5), generator=torch.Generator().manual_seed(5))
+    cache = KVCache(ours.args, 3, ids.shape[1], dtype=torch.float32, device=torch.device("cpu"))
+    ours(ids, attention_mask=mask, cache=cache)
+    cache.share_prefix(owners, 5)
+    with pytest.raises(ValueError, match="one token at a time"):
+        ours(new[:, :2], cache=cache)
+    rows = torch.arange(6)
+    got = torch.zeros(6, 5, 128)
+    for t in range(5):
+        if t == 2:  # row 1 finishes: prompt 0 keeps one row, the grid becomes uneven
+            keep = torch.tensor([0, 2, 3, 4, 5])
+            cache.select(keep)
+            rows = rows[keep]
+        got[rows, t] = ours(new[rows, t : t + 1], cache=cache)[:, 0]
+    for i in range(6):
+        n = 2 if i == 1 else 5
+        seq = torch.cat([torch.tensor(SEQS[int(owners[i])]), new[i, :n]])[None]
+        expected = ours(seq)[0, -n:]
+        assert (got[i, :n] - expected).abs().max() <= 1e-5
+
+
 def test_inference_and_training_paths_agree(hf_dir: Path) -> None:
     """Without grad, float32 matmuls go through oneDNN instead of MKL: same logits up to summation order."""
     ours = _native(hf_dir)

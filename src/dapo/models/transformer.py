@@ -28,6 +28,10 @@ class KVCache:
     All rows share one write cursor ``length`` (slots ``[0, length)`` are filled); rows with shorter prompts
     are left-padded, which `valid` records. ``pos`` is each row's next rotary position (its count of real
     tokens), so a padded row gets the same positions as it would unpadded.
+
+    `share_prefix` turns the filled slots into a read-only prefix that several rows continue (the prompt of a
+    group of samples): its keys and values are stored once per prompt and read once per decode step for all
+    of the prompt's rows (cascade attention), instead of being copied to every row.
     """
 
     def __init__(
@@ -43,11 +47,17 @@ class KVCache:
         self.max_len = max_len
         self.padded = False
         """Whether any filled slot is padding (if not, attention needs no mask)."""
+        self.prefix: _Prefix | None = None
 
     @property
     def batch_size(self) -> int:
         """Number of rows."""
         return self.pos.shape[0]
+
+    @property
+    def max_position(self) -> int:
+        """One past the largest rotary position a row can reach (prefix and own slots)."""
+        return self.max_len + (0 if self.prefix is None else self.prefix.k[0].shape[2])
 
     def select(self, rows: Tensor) -> None:
         """Keep only ``rows`` (a ``[B']`` index tensor, repeats allowed), in that order."""
@@ -55,6 +65,71 @@ class KVCache:
         self.v = [v.index_select(0, rows) for v in self.v]
         self.valid = self.valid.index_select(0, rows)
         self.pos = self.pos.index_select(0, rows)
+        if self.prefix is not None:
+            self.prefix = self.prefix.select(rows)
+
+    def share_prefix(self, owners: Tensor, max_len: int) -> None:
+        """Make the filled slots of all rows a shared prefix, continued by ``len(owners)`` new rows: row i
+        continues old row ``owners[i]`` (``[B']``), with ``max_len`` slots of its own (empty, cursor at 0)."""
+        if self.prefix is not None:
+            raise ValueError("the cache already has a shared prefix")
+        n, dev = self.length, self.pos.device
+        keys = [k[:, :, :n] for k in self.k]  # [U, H_kv, P, Dh]
+        values = [v[:, :, :n] for v in self.v]
+        valid = self.valid[:, :n]
+        self.prefix = _Prefix.build(keys, values, None if bool(valid.all()) else valid, owners)
+        shape = (len(owners), *self.k[0].shape[1:2], max_len, self.k[0].shape[3])
+        self.k = [torch.empty(shape, dtype=k.dtype, device=dev) for k in self.k]
+        self.v = [torch.empty(shape, dtype=v.dtype, device=dev) for v in self.v]
+        self.valid = torch.ones(len(owners), max_len, dtype=torch.bool, device=dev)
+        self.pos = self.pos.index_select(0, owners)
+        self.length, self.max_len, self.padded = 0, max_len, False
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    """`KVCache`'s shared prefix: per layer ``[U, H_kv, P, Dh]`` keys and values of U prompts; row i of the
+    cache continues prompt ``owner[i]``. For attention the rows are laid out on a ``[U, G]`` grid (G = the
+    most rows of one prompt): row i sits at flat cell ``slot[i]``; ``dense`` when the rows fill the grid in
+    order (no scatter needed)."""
+
+    k: list[Tensor]
+    v: list[Tensor]
+    mask: Tensor | None  # [B, 1, 1, P] True = real prefix token (None: no padding)
+    valid: Tensor | None  # [U, P]
+    owner: Tensor  # [B]
+    slot: Tensor  # [B]
+    G: int
+    dense: bool
+
+    @staticmethod
+    def build(k: list[Tensor], v: list[Tensor], valid: Tensor | None, owner: Tensor) -> _Prefix:
+        U = k[0].shape[0]
+        # rank of each row among the earlier rows of its prompt
+        onehot = F.one_hot(owner, U)  # [B, U]
+        rank = (onehot.cumsum(0) * onehot).sum(1) - 1  # [B]
+        G = int(rank.max()) + 1 if len(owner) else 1
+        slot = owner * G + rank
+        dense = len(owner) == U * G and bool((slot == torch.arange(len(owner), device=owner.device)).all())
+        mask = None if valid is None else valid.index_select(0, owner)[:, None, None, :]
+        return _Prefix(k, v, mask, valid, owner, slot, G, dense)
+
+    def select(self, rows: Tensor) -> _Prefix:
+        return _Prefix.build(self.k, self.v, self.valid, self.owner.index_select(0, rows))
+
+    def to_grid(self, t: Tensor) -> Tensor:
+        """Rows ``[B, H_kv, r, X]`` -> ``[U, H_kv, G*r, X]`` (a prompt's rows side by side; zeros fill)."""
+        _, H, r, X = t.shape
+        U = self.k[0].shape[0]
+        if not self.dense:
+            t = t.new_zeros(U * self.G, H, r, X).index_copy_(0, self.slot, t)
+        return t.view(U, self.G, H, r, X).transpose(1, 2).reshape(U, H, self.G * r, X)
+
+    def from_grid(self, t: Tensor, r: int) -> Tensor:
+        """The inverse of `to_grid`: ``[U, H_kv, G*r, X]`` -> rows ``[B, H_kv, r, X]``."""
+        U, H, _, X = t.shape
+        t = t.view(U, H, self.G, r, X).transpose(1, 2).reshape(U * self.G, H, r, X)
+        return t if self.dense else t.index_select(0, self.slot)
 
 
 class _RMSNorm(nn.Module):
@@ -151,17 +226,35 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
-def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+def _decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prefix: _Prefix | None = None, layer: int = 0
+) -> Tensor:
     """Attention of a few queries per K/V head: ``q`` [B, H_kv, r, Dh] over ``k``/``v`` [B, H_kv, L, Dh],
-    ``mask`` [B, 1, 1, L] (True = may attend). On CPU two plain matmuls and a softmax beat SDPA's flash kernel
-    for a decode step (the 25M model's decode steps: 0.84 vs 0.97 s of a 64 x 128-token rollout); elsewhere
-    SDPA is used."""
-    if q.device.type != "cpu":
+    after the row's shared ``prefix`` (``[U, H_kv, P, Dh]`` per layer) if any; ``mask`` [B, 1, 1, P + L] (True
+    = may attend; P = 0 without a prefix).
+
+    Without a prefix on an accelerator this is SDPA. Otherwise two plain matmuls and one softmax over the
+    prefix's and the row's scores together: on CPU this beats SDPA's flash kernel for a decode step (the 25M
+    model's steps: 0.84 vs 0.97 s of a 64 x 128-token rollout), and the prefix's keys and values are read once
+    per prompt for all of its rows (`_Prefix.to_grid`) instead of once per row.
+    """
+    if prefix is None and q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).float()  # [B, H_kv, r, L]
+    r = q.shape[2]
+    q = q * q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2))  # [B, H_kv, r, L]
+    if prefix is not None:
+        shared = torch.matmul(prefix.to_grid(q), prefix.k[layer].transpose(-1, -2))  # [U, H_kv, G*r, P]
+        scores = torch.cat([prefix.from_grid(shared, r), scores], -1)  # [B, H_kv, r, P + L]
+    scores = scores.float()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [B, H_kv, r, Dh]
+    probs = scores.softmax(-1).to(v.dtype)
+    if prefix is None:
+        return torch.matmul(probs, v)  # [B, H_kv, r, Dh]
+    P = prefix.k[layer].shape[2]
+    shared = torch.matmul(prefix.to_grid(probs[..., :P]), prefix.v[layer])  # [U, H_kv, G*r, Dh]
+    return prefix.from_grid(shared, r) + torch.matmul(probs[..., P:], v)
 
 
 class _Attention(nn.Module):
@@ -194,21 +287,24 @@ class _Attention(nn.Module):
         sin: Tensor,  # [B, T, 1, Dh]
         mask: Tensor | None,  # [B, 1, T, L] bool, True = may attend
         is_causal: bool,
-        kv: tuple[Tensor, Tensor] | None,  # cache buffers [B, H_kv, max_len, Dh]
-        start: int,
+        cache: KVCache | None,
+        layer: int,
     ) -> Tensor:
         B, T, _ = x.shape
         dh = self.head_dim
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x, cos, sin))  # [B, H or H_kv, T, Dh]
-        if kv is not None:
-            kv[0][:, :, start : start + T] = k
-            kv[1][:, :, start : start + T] = v
-            k, v = kv[0][:, :, : start + T], kv[1][:, :, : start + T]  # [B, H_kv, L, Dh]
+        prefix = None
+        if cache is not None:
+            start, prefix = cache.length, cache.prefix
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            k, v = cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T]  # [B, H_kv, L, Dh]
         rep = self.n_heads // self.n_kv
-        if T == 1 and (rep > 1 or x.device.type == "cpu"):
+        if T == 1 and (rep > 1 or x.device.type == "cpu" or prefix is not None):
             # One query per head: fold the query heads of each K/V group into the query axis, so grouped-query
             # attention is plain attention without K/V repetition (and no causal mask: all keys are past).
-            out = _decode_attention(q.view(B, self.n_kv, rep, dh), k, v, mask).view(B, self.n_heads, 1, dh)
+            q = q.view(B, self.n_kv, rep, dh)
+            out = _decode_attention(q, k, v, mask, prefix, layer).view(B, self.n_heads, 1, dh)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=rep > 1
@@ -272,10 +368,10 @@ class _Layer(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         is_causal: bool,
-        kv: tuple[Tensor, Tensor] | None,
-        start: int,
+        cache: KVCache | None,
+        layer: int,
     ) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, kv, start)
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, layer)
         out: Tensor = h + self.mlp(self.post_attention_layernorm(h))
         return out  # [B, T, D]
 
@@ -344,6 +440,8 @@ class CausalLM(nn.Module):
                 raise ValueError(
                     f"KV cache holds {cache.batch_size}x{cache.max_len}; cannot add {B}x{T} at {start}"
                 )
+            if cache.prefix is not None and T != 1:
+                raise ValueError(f"a KV cache with a shared prefix decodes one token at a time, got {T}")
             if attention_mask is not None:
                 cache.valid[:, start : start + T] = attention_mask
                 cache.padded = True
@@ -353,7 +451,7 @@ class CausalLM(nn.Module):
                 raise ValueError("positions must be >= 0")
             need = int(positions.max()) + 1
         else:
-            need = cache.max_len if cache is not None else T
+            need = cache.max_position if cache is not None else T
             base = (
                 cache.pos[:, None] if cache is not None else torch.zeros(1, 1, dtype=torch.long, device=dev)
             )
@@ -366,8 +464,7 @@ class CausalLM(nn.Module):
         mask, is_causal = self._attention_mask(attention_mask, cache, T, start, dev)
         h = self.model.embed_tokens(input_ids)  # [B, T, D]
         for i, layer in enumerate(self.model.layers):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            h = layer(h, cos, sin, mask, is_causal, kv, start)
+            h = layer(h, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
             cache.length += T
             cache.pos += T if attention_mask is None else attention_mask.sum(1)
@@ -439,8 +536,15 @@ class CausalLM(nn.Module):
             key_valid = pad  # [B, L]
         else:
             key_valid = cache.valid[:, : start + n_new]  # [B, L]
-            if n_new == 1:  # a single new query may attend every filled slot
-                return (key_valid[:, None, None, :] if cache.padded else None), False
+            if n_new == 1:  # a single new query may attend every filled slot (and the shared prefix)
+                rows = key_valid[:, None, None, :] if cache.padded else None  # [B, 1, 1, L]
+                prefix = cache.prefix
+                if prefix is None or (prefix.mask is None and rows is None):
+                    return rows, False
+                ones, B = key_valid.new_ones(1, 1, 1, 1), len(key_valid)
+                shared = ones.expand(B, 1, 1, prefix.k[0].shape[2]) if prefix.mask is None else prefix.mask
+                own = rows if rows is not None else ones.expand(B, 1, 1, start + 1)
+                return torch.cat([shared, own], -1), False  # [B, 1, 1, P + L]
             if not cache.padded and start == 0:
                 return None, True
         L = start + n_new

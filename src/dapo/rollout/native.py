@@ -3,8 +3,9 @@
 The engine holds the policy module itself (no copy), so a weight update is visible to the next `generate`.
 Per chunk of at most ``max_batch_size`` sequences:
 
-1. prefill each distinct prompt once (left-padded, one batched forward), then copy its cache rows to its n
-   samples, so the prompt of a group of G samples is encoded once, not G times;
+1. prefill each distinct prompt once (left-padded, one batched forward); its keys and values become a
+   prefix shared by its n samples (`KVCache.share_prefix`): encoded once, stored once, and read once per
+   decode step for the whole group (cascade attention) instead of once per sample;
 2. decode one token per step for the whole batch, appending into preallocated ``[max_tokens, B]`` buffers;
 3. when a quarter of the active rows have produced a stop token, drop them from the batch (gather the
    cache rows of the others), so finished sequences stop costing compute.
@@ -110,13 +111,14 @@ class NativeEngine:
             ids[i, width - len(prompts[p]) :] = torch.tensor(prompts[p])
             mask[i, width - len(prompts[p]) :] = 1
         dtype = model.lm_head_weight.dtype
-        cache = KVCache(model.args, len(distinct), width + steps, dtype=dtype, device=dev)
+        cache = KVCache(model.args, len(distinct), width, dtype=dtype, device=dev)
         hidden = model(ids.to(dev), attention_mask=mask.to(dev), cache=cache, return_hidden=True)[:, -1]
         logits = F.linear(hidden, model.lm_head_weight)  # [U, V]
-        if len(distinct) != len(owners):  # give each sample its prompt's cache rows
-            where = {p: i for i, p in enumerate(distinct)}
-            expand = torch.tensor([where[p] for p in owners], device=dev)
-            cache.select(expand)
+        # each sample continues its prompt's cache rows, shared (stored and read once per prompt)
+        where = {p: i for i, p in enumerate(distinct)}
+        expand = torch.tensor([where[p] for p in owners], device=dev)
+        cache.share_prefix(expand, max(steps - 1, 1))
+        if len(distinct) != len(owners):
             logits = logits.index_select(0, expand)
 
         B = len(owners)
