@@ -36,8 +36,8 @@ each is reported, and the ratio of the medians (TRL / dapo). Each side runs in i
 (one after the other, the same torch threads), so neither inherits the other's allocator state or warm
 caches; run it on an otherwise idle machine. dapo tunes glibc's malloc when it loads a CPU policy
 (`dapo.components.retain_freed_memory`: freed memory is kept for reuse instead of being returned to the OS);
-TRL runs with the allocator's defaults, as its users get it, unless ``--trl-retain-freed-memory`` gives it the
-same setting (reported for transparency: it speeds TRL up too).
+TRL runs with the allocator's defaults, as its users get them, unless ``--trl-retain-freed-memory`` gives it
+the same setting (reported for transparency: it speeds TRL up too).
 """
 
 from __future__ import annotations
