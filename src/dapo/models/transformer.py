@@ -251,12 +251,13 @@ def _decode_attention(
     after the row's shared ``prefix`` (``[U, H_kv, P, Dh]`` per layer) if any; ``mask`` [B, 1, 1, P + L] (True
     = may attend; P = 0 without a prefix).
 
-    Without a prefix on an accelerator this is SDPA. Otherwise two plain matmuls and one softmax over the
-    prefix's and the row's scores together: on CPU this beats SDPA's flash kernel for a decode step (the 25M
-    model's steps: 0.84 vs 0.97 s of a 64 x 128-token rollout), and the prefix's keys and values are read once
-    per prompt for all of its rows (`_Prefix.to_grid`) instead of once per row.
+    Without a prefix this is SDPA, except in float32 on CPU. Otherwise two plain matmuls and one softmax over
+    the prefix's and the row's scores together: in float32 on CPU this beats SDPA's flash kernel for a decode
+    step (the 25M model's steps: 0.84 vs 0.97 s of a 64 x 128-token rollout; in bf16 it does not), and the
+    prefix's keys and values are read once per prompt for all of its rows (`_Prefix.to_grid`) instead of
+    once per row.
     """
-    if prefix is None and q.device.type != "cpu":
+    if prefix is None and (q.device.type != "cpu" or q.dtype != torch.float32):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     r = q.shape[2]
     q = q * q.shape[-1] ** -0.5

@@ -3,9 +3,9 @@
 The engine holds the policy module itself (no copy), so a weight update is visible to the next `generate`.
 Per chunk of at most ``max_batch_size`` sequences:
 
-1. prefill each distinct prompt once (left-padded, one batched forward); its keys and values become a
-   prefix shared by its n samples (`KVCache.share_prefix`): encoded once, stored once, and read once per
-   decode step for the whole group (cascade attention) instead of once per sample;
+1. prefill each distinct prompt once (left-padded, one batched forward); with n > 1 its keys and values
+   become a prefix shared by its n samples (`KVCache.share_prefix`): encoded once, stored once, and read once
+   per decode step for the whole group (cascade attention) instead of once per sample;
 2. decode one token per step for the whole batch, appending into preallocated ``[max_tokens, B]`` buffers;
 3. when a quarter of the active rows have produced a stop token, drop them from the batch (gather the
    cache rows of the others), so finished sequences stop costing compute.
@@ -110,15 +110,15 @@ class NativeEngine:
         for i, p in enumerate(distinct):
             ids[i, width - len(prompts[p]) :] = torch.tensor(prompts[p])
             mask[i, width - len(prompts[p]) :] = 1
-        dtype = model.lm_head_weight.dtype
-        cache = KVCache(model.args, len(distinct), width, dtype=dtype, device=dev)
+        dtype, shared = model.lm_head_weight.dtype, len(distinct) < len(owners)
+        # with samples sharing prompts the cache holds just the prompts, then becomes their shared prefix
+        cache = KVCache(model.args, len(distinct), width + (0 if shared else steps), dtype=dtype, device=dev)
         hidden = model(ids.to(dev), attention_mask=mask.to(dev), cache=cache, return_hidden=True)[:, -1]
         logits = F.linear(hidden, model.lm_head_weight)  # [U, V]
-        # each sample continues its prompt's cache rows, shared (stored and read once per prompt)
-        where = {p: i for i, p in enumerate(distinct)}
-        expand = torch.tensor([where[p] for p in owners], device=dev)
-        cache.share_prefix(expand, max(steps - 1, 1))
-        if len(distinct) != len(owners):
+        if shared:  # each sample continues its prompt's cache rows, stored and read once per prompt
+            where = {p: i for i, p in enumerate(distinct)}
+            expand = torch.tensor([where[p] for p in owners], device=dev)
+            cache.share_prefix(expand, max(steps - 1, 1))
             logits = logits.index_select(0, expand)
 
         B = len(owners)
