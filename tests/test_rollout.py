@@ -112,11 +112,13 @@ def test_stop_tokens_and_length(engine: RolloutEngine) -> None:
     assert len(short[0].token_ids) == 3 and short[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("n", [1, 3])
 def test_finished_rows_are_dropped_without_changing_results(
-    native: CausalLM, monkeypatch: pytest.MonkeyPatch
+    native: CausalLM, monkeypatch: pytest.MonkeyPatch, n: int
 ) -> None:
     """Greedy with stop tokens on many rows: the batch compacts as rows finish, and every row still equals
-    the no-stop run truncated at its first stop token."""
+    the no-stop run truncated at its first stop token (n = 3: the samples of a prompt share its cached prefix,
+    and whole groups leave the grid of the cascade attention)."""
     prompts = [[(7 * i + j) % 128 for j in range(3 + i % 5)] for i in range(16)]
     engine = NativeEngine(native, pad_token_id=PAD)
     free = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
@@ -133,11 +135,14 @@ def test_finished_rows_are_dropped_without_changing_results(
         real_select(cache, rows)
 
     monkeypatch.setattr(native_module.KVCache, "select", spy)
-    got = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24, stop_token_ids=stop))
-    assert len(sizes) >= 1 and all(s < 16 for s in sizes)  # compaction happened
-    for c, ref in zip(got, free, strict=True):
+    got = engine.generate(prompts, SamplingParams(n=n, temperature=0, max_tokens=24, stop_token_ids=stop))
+    assert len(sizes) >= 1 and all(s < 16 * n for s in sizes)  # compaction happened
+    assert [c.prompt_index for c in got] == [i for i in range(16) for _ in range(n)]
+    for c in got:
+        ref = free[c.prompt_index]
         cut = next((i + 1 for i, t in enumerate(ref.token_ids) if t in stop), None)
         assert c.token_ids == ref.token_ids[:cut]
+        assert c.logprobs == pytest.approx(ref.logprobs[: len(c.token_ids)], abs=1e-5)
 
 
 def test_batched_equals_one_at_a_time(native: CausalLM) -> None:
