@@ -224,6 +224,20 @@ def test_shared_prompt_forward_equals_one_row_per_response(hf_dir: Path, unpadde
 
 
 @torch.no_grad()
+def test_shared_prompt_forward_without_prompt_padding(hf_dir: Path) -> None:
+    """Prompts of equal length: the responses' attention is causal aligned to the bottom right (no mask)."""
+    ours = _native(hf_dir)
+    prompt_ids = torch.tensor([SEQS[0][:6], SEQS[2]])  # 6 tokens each
+    prompt_index, lengths = torch.tensor([0, 1, 1]), torch.tensor([5, 2, 5])
+    response_ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(6))
+    args = (prompt_ids, torch.ones_like(prompt_ids), prompt_index, response_ids)
+    got = ours.forward_responses(*args, lengths)
+    expected = forward_responses_unshared(ours, *args)
+    real = torch.arange(5) < lengths[:, None]
+    assert (got[real] - expected[real]).abs().max() <= 1e-4
+
+
+@torch.no_grad()
 def test_hidden_states_and_lm_head(hf_dir: Path) -> None:
     ours = _native(hf_dir)
     ids = torch.tensor([SEQS[0]])

@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from dapo.models.config import ModelArgs
 
@@ -216,7 +217,7 @@ class _SharedPrefix:
     T: int
     prompt_index: Tensor  # [b]
     prompt_mask: Tensor | None  # [n, 1, P, P] bool (None: no padding, plain causal)
-    response_mask: Tensor  # [b, 1, T, P + T] bool: the prompt's real tokens, then causal
+    response_mask: Tensor | CausalBias  # [b, 1, T, P + T] bool: the prompt's real tokens, then causal
     packed: Tensor | None  # [m] slots of the kept response tokens in [b*T]
 
     def rows(self, t: Tensor) -> Tensor:
@@ -530,10 +531,14 @@ class CausalLM(nn.Module):
         cos, sin = self._rope(int(positions.max()) + 1, dev)
         cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [M, 1, Dh]
         prompt_mask4, _ = self._attention_mask(None if bool(real.all()) else real, None, P, 0, dev)
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        response_mask4 = torch.cat(
-            [real[prompt_index, None, None, :].expand(b, 1, T, P), causal.expand(b, 1, T, T)], -1
-        )  # [b, 1, T, P + T]
+        response_mask4: Tensor | CausalBias
+        if bool(real.all()):  # every key up to the query's own slot: causal, aligned to the bottom right
+            response_mask4 = causal_lower_right(T, P + T)  # no [T, P + T] mask in memory; GPU flash kernels
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            response_mask4 = torch.cat(
+                [real[prompt_index, None, None, :].expand(b, 1, T, P), causal.expand(b, 1, T, T)], -1
+            )  # [b, 1, T, P + T]
         s = _SharedPrefix(n, P, b, T, prompt_index, prompt_mask4, response_mask4, packed)
         h = self.model.embed_tokens(torch.cat([prompt_ids.reshape(-1), response_tokens]))  # [M, D]
         for layer in self.model.layers:
