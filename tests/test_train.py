@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from dapo.config import ActorConfig, AlgorithmConfig
-from dapo.models import CausalLM, ModelArgs
+from dapo.models import CausalLM, HFCausalLM, ModelArgs, load_pretrained, save_pretrained
 from dapo.train import Actor, TrainBatch, warmup_constant
 
 
@@ -233,3 +234,27 @@ def test_rows_keep_only_the_prompts_they_use_trimmed() -> None:
     p = int(batch.prompt_mask[1:3].sum(1).max())
     assert torch.equal(part.prompt_ids, batch.prompt_ids[1:3, -p:])
     assert part.response_ids.shape[1] == int(batch.response_lengths[3:6].max())
+
+
+def test_transformers_model_gives_the_same_update(tmp_path: Path) -> None:
+    """`model.implementation=hf`: the actor runs transformers' model one prompt + response row per response;
+    its log-probs and its update equal the native model's (shared prompts) to float tolerance."""
+    native = tiny_model()
+    save_pretrained(native, tmp_path)
+    hf = load_pretrained(tmp_path, implementation="hf")
+    assert isinstance(hf, HFCausalLM)
+    batch = random_batch()
+    actors = [make_actor(m, micro=3, lr=1e-3) for m in (native, hf)]
+    old = [a.compute_logprobs(batch) for a in actors]
+    torch.testing.assert_close(old[1], old[0], rtol=1e-5, atol=1e-5)
+    for actor in actors:
+        batch.old_logprobs = None
+        actor.update(batch)
+    hf_state, before = hf.hf.state_dict(), tiny_model().state_dict()
+    moved = max(float((v - before[k]).abs().max()) for k, v in native.state_dict().items())
+    assert moved > 5e-4  # AdamW's first step moves weights by ~lr = 1e-3
+    for name, value in native.state_dict().items():
+        # all but a few elements equal to 1% of lr (an element whose gradient is ~0 may take Adam's
+        # ~lr * sign(g) step either way with another CPU's rounding); a wrong gradient moves most of them
+        off = (hf_state[name] - value).abs() > 1e-5
+        assert float(off.float().mean()) < 0.01, name
