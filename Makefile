@@ -29,4 +29,5 @@ bench: setup
 	PIP_CONSTRAINT=scripts/constraints.txt $(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/update.py
-	$(BIN)/python bench/rl_step.py
+	$(BIN)/python bench/rl_step.py --size tiny --steps 10 --warmup 3
+	$(BIN)/python bench/rl_step.py --size 25m --steps 7
