@@ -217,7 +217,8 @@ class _SharedPrefix:
     T: int
     prompt_index: Tensor  # [b]
     prompt_mask: Tensor | None  # [n, 1, P, P] bool (None: no padding, plain causal)
-    response_mask: Tensor | CausalBias  # [b, 1, T, P + T] bool: the prompt's real tokens, then causal
+    # [b, 1, T, P + T] bool: the prompt's real tokens, then causal (unpadded prompts: bottom-right causal)
+    response_mask: Tensor | CausalBias
     packed: Tensor | None  # [m] slots of the kept response tokens in [b*T]
 
     def rows(self, t: Tensor) -> Tensor:
@@ -530,9 +531,10 @@ class CausalLM(nn.Module):
         positions = torch.cat([prompt_pos.reshape(-1), response_pos])  # [M]
         cos, sin = self._rope(int(positions.max()) + 1, dev)
         cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [M, 1, Dh]
-        prompt_mask4, _ = self._attention_mask(None if bool(real.all()) else real, None, P, 0, dev)
+        unpadded = bool(real.all())  # one host sync
+        prompt_mask4, _ = self._attention_mask(None if unpadded else real, None, P, 0, dev)
         response_mask4: Tensor | CausalBias
-        if bool(real.all()):  # every key up to the query's own slot: causal, aligned to the bottom right
+        if unpadded:  # every key up to the query's own slot: causal, aligned to the bottom right
             response_mask4 = causal_lower_right(T, P + T)  # no [T, P + T] mask in memory; GPU flash kernels
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
