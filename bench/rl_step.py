@@ -28,7 +28,7 @@ advantage's epsilon is 1e-6 in dapo and 1e-4 in TRL. Each side runs its own mode
 (dapo its native Qwen2, TRL transformers' ``Qwen2ForCausalLM``), and each samples with its own random
 stream, so response lengths match only on average: the mean tokens per response of each side is printed.
 
-Models: ``tiny`` is the embedded default (~0.8M-parameter Qwen2 after a short SFT on the task, so responses
+Models: ``tiny`` is the embedded default (~2.9M-parameter Qwen2 after a short SFT on the task, so responses
 stop early); ``25m`` is a 25M-parameter Qwen2 with random weights and the tiny tokenizer, built locally
 (nothing is downloaded); it mostly runs to the 128-token limit and earns no reward, so its advantages are 0,
 but both sides still compute the whole update. Each side is warmed up, then the MEDIAN seconds per step of

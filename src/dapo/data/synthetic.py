@@ -8,7 +8,7 @@ one line per operation, then the line the DAPO template asks for::
     Answer: 13
 
 so the ``math_dapo`` verifier scores a correct solution 1.0. Operands are small (``OPERAND_RANGE``, 0-20;
-factors 2-9), so a model of a couple of million parameters learns the single steps in a couple of minutes
+factors 2-9), so a model of a few million parameters learns the single steps in a couple of minutes
 of supervised warm-up. Three difficulty levels give a spread of accuracy, so that RL sees groups with
 0 < correct < G at every level:
 

@@ -1,4 +1,4 @@
-"""The tiny default model: a Qwen2 of about two million parameters, built locally on first use.
+"""The tiny default model: a Qwen2 of about three million parameters, built locally on first use.
 
 The embedded default run (``dapo train`` with no arguments) needs a policy that already follows the answer
 format of the built-in arithmetic task but is far from perfect at it, so that DAPO has something to improve
@@ -8,7 +8,7 @@ within minutes on a laptop CPU. This module builds one, reproducibly, from a :cl
    pre-tokenizer, so ``AutoTokenizer`` loads it back identically; that pre-tokenizer makes every digit a token
    of its own, which keeps arithmetic learnable. A Qwen-style (ChatML) chat template; a templated prompt is
    about 70 tokens, a solution at most about 30;
-2. a ``transformers.Qwen2ForCausalLM`` with tied embeddings, randomly initialised from the recipe's seed;
+2. a Qwen2 (dapo's native `CausalLM`) with tied embeddings, randomly initialised from the recipe's seed;
 3. a short supervised warm-up (SFT) on templated prompt -> reference solution, loss on the response tokens
    only, AdamW with linear warm-up and cosine decay, on a deterministic stream of training-split problems.
 
@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -45,6 +44,9 @@ from typing import Any
 import torch
 
 from dapo.data.synthetic import FACTOR_RANGE, OPERAND_RANGE, ArithmeticProblem, ArithmeticTask
+from dapo.models.config import ModelArgs
+from dapo.models.hub import save_pretrained
+from dapo.models.transformer import CausalLM
 
 __all__ = [
     "BUILD_VERSION",
@@ -64,7 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bumped whenever the build code changes what a recipe produces, so stale caches are not reused."""
 
 PAD_TOKEN = "<|endoftext|>"
@@ -101,11 +103,11 @@ class TinyRecipe:
     """Upper bound on the BPE vocabulary (the trainer stops earlier when no pair repeats)."""
     tokenizer_corpus: int = 2000
     """Number of training problems whose prompt and solution the tokenizer is trained on."""
-    hidden_size: int = 128
+    hidden_size: int = 192
     """Model width."""
-    intermediate_size: int = 512
+    intermediate_size: int = 1024
     """MLP width."""
-    num_layers: int = 3
+    num_layers: int = 4
     """Number of decoder layers."""
     num_heads: int = 4
     """Attention heads."""
@@ -120,7 +122,7 @@ class TinyRecipe:
     them, and the warm-up usually stops earlier at ``target_accuracy``."""
     batch_size: int = 32
     """Problems per SFT step."""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """Peak AdamW learning rate."""
     warmup_steps: int = 30
     """Linear learning-rate warm-up steps."""
@@ -284,28 +286,28 @@ def _prompt_ids(tokenizer: Any, problem: ArithmeticProblem) -> list[int]:
 # Model and supervised warm-up
 
 
-def _make_model(recipe: TinyRecipe, tokenizer: Any) -> Any:
-    """A randomly initialised Qwen2ForCausalLM sized by ``recipe`` (seeded by the caller)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+def _make_model(recipe: TinyRecipe, tokenizer: Any) -> CausalLM:
+    """A randomly initialised native Qwen2 (tied embeddings) sized by ``recipe`` (seeded by the caller)."""
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-    config = Qwen2Config(
+    args = ModelArgs(
+        architecture="Qwen2ForCausalLM",
         vocab_size=len(tokenizer),
         hidden_size=recipe.hidden_size,
         intermediate_size=recipe.intermediate_size,
         num_hidden_layers=recipe.num_layers,
         num_attention_heads=recipe.num_heads,
         num_key_value_heads=recipe.num_kv_heads,
-        max_position_embeddings=recipe.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": recipe.rope_theta},
-        tie_word_embeddings=True,
+        head_dim=recipe.hidden_size // recipe.num_heads,
         rms_norm_eps=1e-6,
+        rope_theta=recipe.rope_theta,
+        max_position_embeddings=recipe.max_position_embeddings,
+        tie_word_embeddings=True,
+        qkv_bias=True,
         bos_token_id=pad_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN),
         pad_token_id=pad_id,
-        use_cache=True,
     )
-    return Qwen2ForCausalLM(config)
+    return CausalLM(args)
 
 
 def _lr_factor(step: int, recipe: TinyRecipe) -> float:
@@ -321,20 +323,22 @@ def _lr_factor(step: int, recipe: TinyRecipe) -> float:
 class _SFTBatch:
     """One SFT batch: the prompt prefix every row shares, then each row's own tokens, right-padded."""
 
-    prefix: torch.Tensor  # [P] shared leading prompt tokens (the fixed part of the template)
+    prefix: torch.Tensor  # [P] shared leading prompt tokens (the fixed part of the template), P >= 1
     rest: torch.Tensor  # [B, T] the remaining prompt tokens, then response + eos, then padding
     labels: torch.Tensor  # [B, T] token ids on response positions, -100 on prompt and padding
+    lengths: torch.Tensor  # [B] real tokens of each row of ``rest``
 
 
 def _sft_batch(tokenizer: Any, problems: Sequence[ArithmeticProblem], eos_id: int, pad_id: int) -> _SFTBatch:
     """Tokenize prompt → solution + eos for each problem and split off the prompts' common prefix."""
     prompts = [_prompt_ids(tokenizer, p) for p in problems]
     responses = [[*_encode(tokenizer, p.solution), eos_id] for p in problems]
-    # The longest common prefix of the prompts, less one token so every row keeps at least one prompt token
-    # (the logit that predicts the first response token must come from the per-row part).
+    # The longest common prefix of the prompts, less one token so every row keeps a prompt token of its own.
     shared = min(len(q) for q in prompts) - 1
     for q in prompts[1:]:
         shared = next((i for i in range(shared) if q[i] != prompts[0][i]), shared)
+    if shared < 1:
+        raise ValueError("SFT prompts share no leading token; the chat template should start each of them")
     rows = [q[shared:] + r for q, r in zip(prompts, responses, strict=True)]
     width = max(len(r) for r in rows)
     rest = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
@@ -343,45 +347,45 @@ def _sft_batch(tokenizer: Any, problems: Sequence[ArithmeticProblem], eos_id: in
         n_prompt = len(q) - shared
         rest[i, : n_prompt + len(r)] = torch.tensor(q[shared:] + r)
         labels[i, n_prompt : n_prompt + len(r)] = torch.tensor(r)
-    return _SFTBatch(prefix=torch.tensor(prompts[0][:shared], dtype=torch.long), rest=rest, labels=labels)
+    return _SFTBatch(
+        prefix=torch.tensor(prompts[0][:shared], dtype=torch.long),
+        rest=rest,
+        labels=labels,
+        lengths=torch.tensor([len(r) for r in rows]),
+    )
 
 
-def _batch_logits(model: Any, batch: _SFTBatch) -> torch.Tensor:
-    """Logits over ``batch.rest``, running the shared prompt prefix once for the whole batch.
+def _batch_logits(model: CausalLM, batch: _SFTBatch) -> torch.Tensor:
+    """Logits ``[B, T, V]`` predicting each token of ``batch.rest`` (position j predicts ``rest[:, j]``).
 
-    Equivalent to a forward pass over the full right-padded sequences (the prefix keys and values are computed
-    once and repeated; gradients flow through them), but about 40% cheaper: the template is most of a prompt.
+    The shared prompt prefix is computed once for the whole batch (`CausalLM.forward_responses`, with the
+    prefix as the one prompt every row continues; gradients flow through it), and the linear layers skip
+    the rows' right padding: the template is most of a prompt, so this is much cheaper than full rows.
     """
-    # transformers 5 renamed the key/value cache argument and output from ``past_key_values`` to ``cache``.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = None
-    if batch.prefix.numel() > 0:
-        cache = getattr(model(input_ids=batch.prefix[None], use_cache=True), name)
-        cache.batch_repeat_interleave(batch.rest.size(0))
-    # No attention mask: padding is on the right and attention is causal, so real tokens never see it.
-    logits: torch.Tensor = model(input_ids=batch.rest, use_cache=cache is not None, **{name: cache}).logits
-    return logits  # [B, T, V]
+    prefix, B = batch.prefix[None], batch.rest.shape[0]
+    index = torch.zeros(B, dtype=torch.long)  # every row continues the one shared prefix
+    return model.forward_responses(prefix, torch.ones_like(prefix), index, batch.rest, batch.lengths)
 
 
-def _sft_loss(model: Any, batch: _SFTBatch) -> torch.Tensor:
+def _sft_loss(model: CausalLM, batch: _SFTBatch) -> torch.Tensor:
     """Mean cross-entropy over the response tokens of ``batch``."""
     logits = _batch_logits(model, batch)  # [B, T, V]
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)), batch.labels[:, 1:].reshape(-1), ignore_index=-100
+        logits.reshape(-1, logits.size(-1)), batch.labels.reshape(-1), ignore_index=-100
     )
 
 
 @torch.no_grad()
-def _reference_probability(model: Any, batch: _SFTBatch) -> float:
+def _reference_probability(model: CausalLM, batch: _SFTBatch) -> float:
     """Mean over rows of P(reference response | prompt): the chance a temperature-1 sample reproduces it."""
     was_training = model.training
     model.eval()
     logits = _batch_logits(model, batch)  # [B, T, V]
     model.train(was_training)
-    labels = batch.labels[:, 1:]  # [B, T-1]
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T-1, V]
+    labels = batch.labels  # [B, T]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, T, V]
     # -100 marks prompt and padding; clamp it to a valid index, the mask then zeroes those positions.
-    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T]
     seq_logprob = (picked * (labels != -100)).sum(-1)  # [B]
     return float(seq_logprob.exp().mean())
 
@@ -405,7 +409,7 @@ class _SFTResult:
     """Validation reference probability at the end."""
 
 
-def _sft(model: Any, tokenizer: Any, recipe: TinyRecipe, progress: bool) -> _SFTResult:
+def _sft(model: CausalLM, tokenizer: Any, recipe: TinyRecipe, progress: bool) -> _SFTResult:
     """Supervised warm-up on a deterministic stream of training problems, stopped at ``target_accuracy``."""
     from tqdm import tqdm
 
@@ -462,7 +466,7 @@ def build_tiny_model(recipe: TinyRecipe, out_dir: Path, *, progress: bool = Fals
     losses = result.losses
     sft_seconds = time.perf_counter() - sft_start
 
-    model.save_pretrained(out_dir)
+    save_pretrained(model, out_dir)
     tokenizer.save_pretrained(out_dir)
     probe = ArithmeticTask(seed=recipe.seed, levels=recipe.levels).train_problems(
         min(200, recipe.tokenizer_corpus)

@@ -180,6 +180,49 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_FUSABLE = (torch.float32,) * _ONEDNN_FP32 + (torch.bfloat16,) * (_ONEDNN_FP32 and _onednn_bf16())
+"""Dtypes whose CPU matmuls may take a fused elementwise post-op (`_linear_then`)."""
+
+
+def _linear_then(
+    x: Tensor, weight: Tensor, bias: Tensor | None, post: str, other: Tensor | None = None
+) -> Tensor:
+    """``x @ weight.T + bias`` followed by ``post``: ``"swish"`` = silu of it, ``"mul"`` / ``"add"`` = it
+    times / plus ``other`` (same shape as the result).
+
+    Without gradients (generation, old log-probs) on CPU, oneDNN applies the post-op inside the matmul, on
+    the tile still in cache: a decode step's MLP is 3 kernels instead of 5 and the residual adds come free
+    (decode steps 2-3% faster, 3M and 25M models, fp32 and bf16). With gradients, or elsewhere, it is the
+    plain composite; float32 results agree to rounding (oneDNN's swish differs from `F.silu` by ~1e-7
+    relative; the adds and the product are exact).
+    """
+    fused = (
+        x.dtype in _FUSABLE
+        and x.device.type == "cpu"
+        and x.numel() >= 16 * x.shape[-1]
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+    if fused and other is None:
+        out: Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "")
+        return out
+    if fused:
+        assert other is not None
+        out = torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), weight, bias, post)
+        return out
+    y = _linear(x, weight, bias)
+    if post == "swish":
+        return F.silu(y)
+    assert other is not None
+    return y * other if post == "mul" else other + y
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """``x @ weight.T + bias`` with all three matmuls (forward, input and weight gradients) on oneDNN."""
 
@@ -304,6 +347,7 @@ class _Attention(nn.Module):
     def forward(
         self,
         x: Tensor,  # [B, T, D]
+        residual: Tensor,  # [B, T, D], added to the output
         cos: Tensor,  # [B, T, 1, Dh]
         sin: Tensor,  # [B, T, 1, Dh]
         mask: Tensor | None,  # [B, 1, T, L] bool, True = may attend
@@ -329,10 +373,13 @@ class _Attention(nn.Module):
         else:
             out = _sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=rep > 1)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * dh)
-        return _linear(out, self.o_proj.weight, self.o_proj.bias)  # [B, T, D]
+        return _linear_then(out, self.o_proj.weight, self.o_proj.bias, "add", residual)  # [B, T, D]
 
-    def forward_shared(self, x: Tensor, cos: Tensor, sin: Tensor, s: _SharedPrefix) -> Tensor:
-        """Attention over `_SharedPrefix`'s token layout: x ``[n*P + m, D]`` -> same shape."""
+    def forward_shared(
+        self, x: Tensor, residual: Tensor, cos: Tensor, sin: Tensor, s: _SharedPrefix
+    ) -> Tensor:
+        """Attention over `_SharedPrefix`'s token layout: x ``[n*P + m, D]`` -> same shape, plus
+        ``residual``."""
         gqa, split = self.n_heads > self.n_kv, s.n * s.P
         q, k, v = self.qkv(x, cos, sin)  # [M, H or H_kv, Dh]
 
@@ -356,7 +403,7 @@ class _Attention(nn.Module):
             )  # [b, H, T, Dh]
             outs.append(s.tokens(out.transpose(1, 2).reshape(s.b * s.T, -1)))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return _linear(out, self.o_proj.weight, self.o_proj.bias)  # [M, D]
+        return _linear_then(out, self.o_proj.weight, self.o_proj.bias, "add", residual)  # [M, D]
 
 
 class _MLP(nn.Module):
@@ -366,10 +413,11 @@ class _MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        g, u = self.gate_proj, self.up_proj
-        h = F.silu(_linear(x, g.weight, g.bias)) * _linear(x, u.weight, u.bias)
-        return _linear(h, self.down_proj.weight, self.down_proj.bias)
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual + mlp(x)``."""
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        h = _linear_then(x, u.weight, u.bias, "mul", _linear_then(x, g.weight, g.bias, "swish"))
+        return _linear_then(h, d.weight, d.bias, "add", residual)
 
 
 class _Layer(nn.Module):
@@ -390,13 +438,13 @@ class _Layer(nn.Module):
         cache: KVCache | None,
         layer: int,
     ) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, layer)
-        out: Tensor = h + self.mlp(self.post_attention_layernorm(h))
+        h = self.self_attn(self.input_layernorm(h), h, cos, sin, mask, is_causal, cache, layer)
+        out: Tensor = self.mlp(self.post_attention_layernorm(h), h)
         return out  # [B, T, D]
 
     def forward_shared(self, h: Tensor, cos: Tensor, sin: Tensor, s: _SharedPrefix) -> Tensor:
-        h = h + self.self_attn.forward_shared(self.input_layernorm(h), cos, sin, s)
-        out: Tensor = h + self.mlp(self.post_attention_layernorm(h))
+        h = self.self_attn.forward_shared(self.input_layernorm(h), h, cos, sin, s)
+        out: Tensor = self.mlp(self.post_attention_layernorm(h), h)
         return out  # [n*P + m, D]
 
 
