@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -25,6 +25,7 @@ from dapo.models import (
     resolve_dtype,
     save_pretrained,
 )
+from dapo.models.transformer import _FUSABLE, _packed
 
 COMMON: dict[str, Any] = {
     "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -192,6 +193,38 @@ def test_inference_and_training_paths_agree(hf_dir: Path) -> None:
         fast = ours(ids)
     train = ours(ids)
     assert train.requires_grad and (fast - train.detach()).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_weights_change_summation_order_only(hf_dir: Path, dtype: str) -> None:
+    """Inside `packed_weights` no-grad matmuls read prepacked copies; gradients and later updates are
+    unaffected."""
+    ours = _native(hf_dir, dtype)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))  # 128 rows per matmul
+    with torch.no_grad():
+        plain = ours(ids).float()
+        with ours.packed_weights(ids.numel()):
+            packed = ours(ids).float()
+            w = ours.model.layers[0].self_attn.q_proj.weight
+            x = torch.ones(16, w.shape[1], dtype=w.dtype)
+            if w.dtype in _FUSABLE:  # 16+ row matmuls read the copies (fewer rows: the parameter)
+                assert cast(torch.Tensor, _packed(x, w)).is_mkldnn and _packed(x[:15], w) is None
+    tol = 1e-4 if dtype == "float32" else 0.1 * plain.abs().max().item()
+    assert (packed - plain).abs().max() <= tol
+    with ours.packed_weights(ids.numel()):  # with gradients the parameters themselves are used
+        ours(ids).float().square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in ours.named_parameters() if p.grad is not None}
+    ours.zero_grad()
+    ours(ids).float().square().mean().backward()
+    assert len(grads) == len(list(ours.parameters()))
+    for k, p in ours.named_parameters():
+        assert p.grad is not None and torch.equal(grads[k], p.grad), k
+    with torch.no_grad():  # an update outside the context is seen at the next entry
+        ours.model.layers[0].mlp.down_proj.weight.mul_(-2.0)
+        with ours.packed_weights(ids.numel()):
+            after = ours(ids).float()
+        assert (after - ours(ids).float()).abs().max() <= tol
+        assert (after - plain).abs().max() > 10 * tol
 
 
 @pytest.mark.parametrize("unpadded", [False, True])

@@ -84,6 +84,16 @@ def _recompute(model: Any, prompt: list[int], c: Completion, temperature: float)
     return (logits / temperature).log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
 
 
+def test_logprobs_equal_trainer_recomputation_at_batch_size_16_and_more(native: CausalLM) -> None:
+    """From 16 rows on, decode matmuls run with prepacked weights and oneDNN post-ops (`packed_weights`)."""
+    sp = SamplingParams(n=6, temperature=1.0, max_tokens=16, seed=5)
+    got = NativeEngine(native, pad_token_id=PAD).generate(PROMPTS, sp)
+    assert len(got) == 24
+    for c in got:
+        expected = _recompute(native, PROMPTS[c.prompt_index], c, 1.0)
+        assert (torch.tensor(c.logprobs) - expected).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize(("temperature", "top_p", "top_k"), [(1.0, 1.0, -1), (0.7, 0.9, -1), (1.3, 0.8, 20)])
 def test_logprobs_equal_trainer_recomputation(
     engine: RolloutEngine, native: CausalLM, hf: HFCausalLM, temperature: float, top_p: float, top_k: int
@@ -172,7 +182,7 @@ def test_weight_updates_are_visible(ckpt: Path) -> None:
     model = load_pretrained(ckpt)
     assert isinstance(model, CausalLM)
     engine = NativeEngine(model, pad_token_id=PAD)
-    sp = SamplingParams(temperature=0, max_tokens=8)
+    sp = SamplingParams(n=5, temperature=0, max_tokens=8)  # 20 rows: decode reads prepacked weights
     before = [c.token_ids for c in engine.generate(PROMPTS, sp)]
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():  # an optimizer step on the shared module

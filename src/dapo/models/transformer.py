@@ -9,8 +9,11 @@ The model knows nothing of sampling or parallelism; `KVCache` is shaped for `dap
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -169,11 +172,16 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     MKL's sgemm runs AVX2 kernels on AMD CPUs; oneDNN's AVX-512 ones measured 2.2x faster (450 vs 200 GFLOPS
     on 2 cores) on the EPYC (Zen 5) this was tuned on. Results differ from MKL's by float32 summation order.
-    The op has no autograd formula, so training goes through `_OneDNNLinear`, which supplies one.
+    The op has no autograd formula, so training goes through `_OneDNNLinear`, which supplies one. Inside
+    `CausalLM.packed_weights` a prepacked copy of ``weight`` is used when there is one.
     """
+    packed = _packed(x, weight)
+    if packed is not None:
+        out: Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return out
     if _ONEDNN_FP32 and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= 16 * x.shape[-1]:
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            out: Tensor = _OneDNNLinear.apply(x, weight, bias)
+            out = _OneDNNLinear.apply(x, weight, bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return out
@@ -188,7 +196,20 @@ def _onednn_bf16() -> bool:
 
 
 _FUSABLE = (torch.float32,) * _ONEDNN_FP32 + (torch.bfloat16,) * (_ONEDNN_FP32 and _onednn_bf16())
-"""Dtypes whose CPU matmuls may take a fused elementwise post-op (`_linear_then`)."""
+"""Dtypes whose CPU matmuls may take a fused elementwise post-op (`_linear_then`) or a prepacked weight."""
+
+_PACKED: contextvars.ContextVar[dict[int, Tensor] | None] = contextvars.ContextVar("packed", default=None)
+"""Prepacked weights by ``id`` of the parameter, inside `CausalLM.packed_weights` (else None)."""
+
+
+def _packed(x: Tensor, weight: Tensor) -> Tensor | None:
+    """The prepacked copy of ``weight`` for a no-gradient matmul of ``x`` with 16+ rows, if there is one."""
+    packs = _PACKED.get()
+    if packs is None or x.numel() < 16 * x.shape[-1]:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return None
+    return packs.get(id(weight))
 
 
 def _linear_then(
@@ -209,12 +230,13 @@ def _linear_then(
         and x.numel() >= 16 * x.shape[-1]
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
-    if fused and other is None:
-        out: Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, post, [], "")
-        return out
     if fused:
-        assert other is not None
-        out = torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), weight, bias, post)
+        w = _packed(x, weight)
+        w = weight if w is None else w
+        if other is None:
+            out: Tensor = torch.ops.mkldnn._linear_pointwise(x, w, bias, post, [], "")
+        else:
+            out = torch.ops.mkldnn._linear_pointwise.binary(x, other.contiguous(), w, bias, post)
         return out
     y = _linear(x, weight, bias)
     if post == "swish":
@@ -476,6 +498,30 @@ class CausalLM(nn.Module):
     def lm_head_weight(self) -> Tensor:
         """The output projection ``[V, D]`` (the embedding matrix when tied)."""
         return self.model.embed_tokens.weight if self.args.tie_word_embeddings else self.lm_head.weight
+
+    @contextlib.contextmanager
+    def packed_weights(self, rows: int) -> Iterator[None]:
+        """Within: no-gradient CPU matmuls of 16+ rows read copies of the linear weights prepacked in oneDNN's
+        blocked layout for about ``rows`` rows, instead of repacking each weight on every call.
+
+        For generation (`dapo.rollout.NativeEngine`): 6-16% faster decode steps (3M and 25M models, fp32 and
+        bf16; the matmul alone 10-20%). The copies are taken on entry, so the weights must not change inside
+        (training outside is fine: the next entry packs again). Results differ from unpacked matmuls by float
+        summation order only. A no-op off CPU, for dtypes oneDNN does not fuse, and without oneDNN.
+        """
+        weight = self.lm_head_weight
+        if weight.device.type != "cpu" or weight.dtype not in _FUSABLE:
+            yield
+            return
+        linears = [m.weight for m in self.modules() if isinstance(m, nn.Linear)] + [weight]
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        with torch.no_grad():
+            packs = {id(w): reorder(w.detach(), max(rows, 16)) for w in linears}
+        token = _PACKED.set(packs)
+        try:
+            yield
+        finally:
+            _PACKED.reset(token)
 
     def forward(
         self,

@@ -1,6 +1,8 @@
 """`NativeEngine`: batched generation with the native `CausalLM` and a preallocated KV cache.
 
-The engine holds the policy module itself (no copy), so a weight update is visible to the next `generate`.
+The engine holds the policy module itself, so a weight update is visible to the next `generate`; on CPU
+each `generate` runs inside `CausalLM.packed_weights` (a copy of the linear weights in oneDNN's blocked
+layout, taken on entry: the decode matmuls no longer repack their weight on every call).
 Per chunk of at most ``max_batch_size`` sequences:
 
 1. prefill each distinct prompt once (left-padded, one batched forward); with n > 1 its keys and values
@@ -93,7 +95,7 @@ class NativeEngine:
         total = len(prompts) * sampling.n
         chunk = self.max_batch_size or total
         out: list[Completion] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), self.model.packed_weights(min(chunk, total)):
             for start in range(0, total, chunk):
                 rows = list(range(start, min(start + chunk, total)))
                 out.extend(self._generate_chunk(prompts, [r // sampling.n for r in rows], sampling, gen))
