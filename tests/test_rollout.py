@@ -122,15 +122,16 @@ def test_stop_tokens_and_length(engine: RolloutEngine) -> None:
     assert len(short[0].token_ids) == 3 and short[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize(("n", "check_every"), [(1, None), (3, None), (3, 8)])
 def test_finished_rows_are_dropped_without_changing_results(
-    native: CausalLM, monkeypatch: pytest.MonkeyPatch, n: int
+    native: CausalLM, monkeypatch: pytest.MonkeyPatch, n: int, check_every: int | None
 ) -> None:
     """Greedy with stop tokens on many rows: the batch compacts as rows finish, and every row still equals
     the no-stop run truncated at its first stop token (n = 3: the samples of a prompt share its cached prefix,
-    and whole groups leave the grid of the cascade attention)."""
+    and whole groups leave the grid of the cascade attention; check_every = 8: the accelerator cadence, where
+    finished rows decode up to 7 more steps before they are found)."""
     prompts = [[(7 * i + j) % 128 for j in range(3 + i % 5)] for i in range(16)]
-    engine = NativeEngine(native, pad_token_id=PAD)
+    engine = NativeEngine(native, pad_token_id=PAD, check_every=check_every)
     free = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
     counts: dict[int, int] = {}
     for c in free:
@@ -262,3 +263,5 @@ def test_bad_prompts(native: CausalLM) -> None:
         engine.generate([], SamplingParams())
     with pytest.raises(TypeError, match="HFEngine"):
         NativeEngine(torch.nn.Linear(2, 2), pad_token_id=PAD)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="check_every"):
+        NativeEngine(native, pad_token_id=PAD, check_every=0)

@@ -15,7 +15,8 @@ Per chunk of at most ``max_batch_size`` sequences:
 Sampling is reproducible: one ``torch.Generator`` on the engine's device, seeded from ``SamplingParams.seed``;
 the same seed, prompts, sampling parameters and ``max_batch_size`` give the same samples. On CPU the
 finished-ness check is a cheap host read done every step; on accelerators it is done every 8 steps to avoid
-stalling the device queue.
+stalling the device queue (``check_every``; the same seed and a different ``check_every`` may give different
+samples when rows stop, because compaction reorders the rows that draw random numbers).
 
 Speed notes (2 CPU cores, tiny models, batch 64: see ``bench/rollout.py``): the decode step is bound by the
 matmuls and SDPA's attention kernel, not by Python. Sampling uses a two-level inverse CDF (one uniform per
@@ -52,7 +53,10 @@ class NativeEngine:
         pad_token_id: int,
         device: torch.device | str | None = None,
         max_batch_size: int | None = None,
+        check_every: int | None = None,
     ) -> None:
+        """``check_every``: decode steps between reads of which rows have finished (a host sync); None = every
+        step on CPU, every 8 steps on accelerators."""
         if not isinstance(model, CausalLM):
             raise TypeError(f"NativeEngine needs a dapo CausalLM, got {type(model).__name__}; use HFEngine")
         param_device = model.lm_head_weight.device
@@ -63,6 +67,8 @@ class NativeEngine:
             )
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"check_every must be >= 1 or None, got {check_every}")
         if not 0 <= pad_token_id < model.args.vocab_size:
             raise ValueError(
                 f"pad_token_id {pad_token_id} is outside the vocabulary [0, {model.args.vocab_size})"
@@ -71,6 +77,7 @@ class NativeEngine:
         self.device = param_device
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
+        self.check_every = check_every or (1 if param_device.type == "cpu" else 8)
 
     def load_weights(self, state_dict: Mapping[str, Tensor]) -> None:
         """Copy ``state_dict`` (names as in ``model.state_dict()``) into the parameters, in place."""
@@ -130,7 +137,6 @@ class NativeEngine:
         stops = torch.tensor(sp.stop_token_ids, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # [b], over active rows
         active: Tensor | None = None  # [b] output column of each active row; None = all, in order
-        check_every = 1 if dev.type == "cpu" else 8
         for step in range(steps):
             tok, lp = sample_tokens(logits.float(), sp, gen)  # [b], [b]
             if active is None:
@@ -142,7 +148,7 @@ class NativeEngine:
                 break
             if len(sp.stop_token_ids) > 0:
                 done |= torch.isin(tok, stops)
-                if (step + 1) % check_every == 0:
+                if (step + 1) % self.check_every == 0:
                     n_done = int(done.sum())
                     if n_done == done.shape[0]:
                         break
