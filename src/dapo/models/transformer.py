@@ -175,7 +175,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     The op has no autograd formula, so training goes through `_OneDNNLinear`, which supplies one. Inside
     `CausalLM.packed_weights` a prepacked copy of ``weight`` is used when there is one.
     """
-    packed = _packed(x, weight)
+    packed = _packed(weight) if _onednn_inference(x, weight) else None
     if packed is not None:
         out: Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return out
@@ -202,14 +202,21 @@ _PACKED: contextvars.ContextVar[dict[int, Tensor] | None] = contextvars.ContextV
 """Prepacked weights by ``id`` of the parameter, inside `CausalLM.packed_weights` (else None)."""
 
 
-def _packed(x: Tensor, weight: Tensor) -> Tensor | None:
-    """The prepacked copy of ``weight`` for a no-gradient matmul of ``x`` with 16+ rows, if there is one."""
+def _onednn_inference(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``x @ weight.T`` may use oneDNN's inference extras (post-ops, a prepacked weight): on CPU, a
+    dtype in `_FUSABLE`, 16+ rows, and no gradient needed."""
+    return (
+        x.dtype in _FUSABLE
+        and x.device.type == "cpu"
+        and x.numel() >= 16 * x.shape[-1]
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def _packed(weight: Tensor) -> Tensor | None:
+    """The prepacked copy of ``weight`` inside `CausalLM.packed_weights`, if there is one."""
     packs = _PACKED.get()
-    if packs is None or x.numel() < 16 * x.shape[-1]:
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return None
-    return packs.get(id(weight))
+    return None if packs is None else packs.get(id(weight))
 
 
 def _linear_then(
@@ -224,15 +231,9 @@ def _linear_then(
     plain composite; float32 results agree to rounding (oneDNN's swish differs from `F.silu` by ~1e-7
     relative; the adds and the product are exact).
     """
-    fused = (
-        x.dtype in _FUSABLE
-        and x.device.type == "cpu"
-        and x.numel() >= 16 * x.shape[-1]
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    )
-    if fused:
-        w = _packed(x, weight)
-        w = weight if w is None else w
+    if _onednn_inference(x, weight):
+        packed = _packed(weight)
+        w = weight if packed is None else packed
         if other is None:
             out: Tensor = torch.ops.mkldnn._linear_pointwise(x, w, bias, post, [], "")
         else:
