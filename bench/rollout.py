@@ -1,6 +1,7 @@
 """Rollout throughput: dapo's NativeEngine against transformers' ``generate`` on the same random Qwen2.
 
     python bench/rollout.py [--size 3m|25m|all] [--dtype float32|bfloat16|all] [--repeats 5] [--stop]
+                            [--floor]
 
 Workload (the embedded default run's shape): 64 prompts of random lengths 32-64, temperature 1.0, 128 new
 tokens and no stop token, so every sequence generates 128 tokens. ``--stop`` adds a variant with 16 stop ids
@@ -8,6 +9,10 @@ tokens and no stop token, so every sequence generates 128 tokens. ``--stop`` add
 engine is warmed up once, then runs alternate (native, transformers, native, ...); the MEDIAN tokens/s of
 each is reported, and the ratio is the median of the per-repeat ratios (robust to a drifting machine load).
 Nothing is downloaded: the model is built locally from a config with random weights.
+
+``--floor`` also times the native engine with its decode attention skipped (each layer's attention output is
+its query: wrong tokens, the same work everywhere else), alternating with the other two. That step is a lower
+bound for any attention kernel, and is printed next to the step time the size's target (TARGETS) allows.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch
 import transformers
 
+import dapo.models.transformer as model_code
 from dapo.models import CausalLM, load_pretrained
 from dapo.rollout import NativeEngine, SamplingParams
 
@@ -34,6 +40,7 @@ SIZES: dict[str, dict[str, int]] = {
             "num_attention_heads": 8, "num_key_value_heads": 4},
 }  # fmt: skip
 BATCH, MIN_LEN, MAX_LEN, NEW_TOKENS, PAD = 64, 32, 64, 128, 0
+TARGETS = {"3m": 4.0, "25m": 1.5}  # native / transformers tokens/s (the models/rollout issue)
 
 
 def build(size: str, dtype: torch.dtype, root: Path) -> tuple[CausalLM, transformers.PreTrainedModel, int]:
@@ -82,13 +89,25 @@ def run_hf(
     return int(torch.where(is_stop.any(1), is_stop.int().argmax(1) + 1, new.shape[1]).sum())
 
 
+def run_without_attention(engine: NativeEngine, prompts: list[list[int]], seed: int) -> int:
+    """`run_native` with each decode step's attention replaced by its query (same shape, no work)."""
+    real = model_code._decode_attention
+    model_code._decode_attention = lambda q, *args, **kwargs: q
+    try:
+        return run_native(engine, prompts, (), seed)
+    finally:
+        model_code._decode_attention = real
+
+
 def timed(fn: Callable[[int], int], seed: int) -> float:
     start = time.perf_counter()
     tokens = fn(seed)
     return tokens / (time.perf_counter() - start)
 
 
-def bench(size: str, dtype: torch.dtype, repeats: int, stops: tuple[int, ...], root: Path) -> None:
+def bench(
+    size: str, dtype: torch.dtype, repeats: int, stops: tuple[int, ...], root: Path, floor: bool
+) -> None:
     native, hf, n_params = build(size, dtype, root)
     prompts = make_prompts(native.args.vocab_size)
     engine = NativeEngine(native, pad_token_id=PAD)
@@ -96,6 +115,8 @@ def bench(size: str, dtype: torch.dtype, repeats: int, stops: tuple[int, ...], r
         "native": lambda s: run_native(engine, prompts, stops, s),
         "transformers": lambda s: run_hf(hf, prompts, stops, s),
     }
+    if floor and not stops:
+        runs["no attention"] = lambda s: run_without_attention(engine, prompts, s)
     speeds: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():
         timed(fn, 0)  # warm-up
@@ -111,6 +132,13 @@ def bench(size: str, dtype: torch.dtype, repeats: int, stops: tuple[int, ...], r
         f"{label:<24} {variant:<12} native {med['native']:7.0f} tok/s  "
         f"transformers {med['transformers']:7.0f} tok/s  ratio {ratio:4.2f}x  ({runs_text})"
     )
+    if "no attention" in med:
+        step = {k: 1000 * BATCH / v for k, v in med.items()}  # ms per decode step of the whole batch
+        print(
+            f"{'':<37} ms per step: native {step['native']:.2f}, native without attention "
+            f"{step['no attention']:.2f}, transformers {step['transformers']:.2f}; the {TARGETS[size]:g}x "
+            f"target allows {step['transformers'] / TARGETS[size]:.2f}"
+        )
 
 
 def main() -> None:
@@ -122,6 +150,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--stop", action="store_true", help="also run a variant with 16 stop token ids")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--floor", action="store_true", help="also time native decoding without attention")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,7 +169,7 @@ def main() -> None:
                 if args.stop:
                     variants.append(tuple(range(100, 116)))
                 for stops in variants:
-                    bench(size, getattr(torch, dt), args.repeats, stops, Path(tmp))
+                    bench(size, getattr(torch, dt), args.repeats, stops, Path(tmp), args.floor)
 
 
 if __name__ == "__main__":
