@@ -27,7 +27,7 @@ test: lint typecheck pytest
 # The side-by-side benchmarks (README "Speed"): installs the bench extra (TRL, py-spy) with torch still pinned.
 bench: setup
 	PIP_CONSTRAINT=scripts/constraints.txt $(BIN)/python -m pip install -q -e ".[bench]"
-	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/rollout.py --floor
 	$(BIN)/python bench/update.py
 	$(BIN)/python bench/rl_step.py --size tiny --steps 10 --warmup 3
 	$(BIN)/python bench/rl_step.py --size 25m --steps 7
