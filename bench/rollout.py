@@ -91,12 +91,20 @@ def run_hf(
 
 def run_without_attention(engine: NativeEngine, prompts: list[list[int]], seed: int) -> int:
     """`run_native` with each decode step's attention replaced by its query (same shape, no work)."""
-    real = model_code._decode_attention
-    model_code._decode_attention = lambda q, *args, **kwargs: q
+    real, calls = model_code._decode_attention, [0]
+
+    def skip(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls[0] += 1
+        return q
+
+    model_code._decode_attention = skip
     try:
-        return run_native(engine, prompts, (), seed)
+        tokens = run_native(engine, prompts, (), seed)
     finally:
         model_code._decode_attention = real
+    if calls[0] == 0:  # the decode path no longer goes through it: the "floor" would be the full step
+        raise RuntimeError("--floor: the native decode step did not call _decode_attention")
+    return tokens
 
 
 def timed(fn: Callable[[int], int], seed: int) -> float:
