@@ -168,6 +168,15 @@ def test_batched_equals_one_at_a_time(native: CausalLM) -> None:
     assert [c.token_ids for c in engine.generate(longer, sp)][:4] == alone
 
 
+def test_one_prompt_shared_by_all_rows(native: CausalLM) -> None:
+    """A single prompt with n samples (one shared prefix for every row: a data-parallel rank's share can
+    be one prompt) decodes like the prompt alone."""
+    engine = NativeEngine(native, pad_token_id=PAD)
+    alone = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=10))[0].token_ids
+    group = engine.generate([PROMPTS[0]], SamplingParams(n=4, temperature=0, max_tokens=10))
+    assert [c.token_ids for c in group] == [alone] * 4
+
+
 def test_seed_reproducibility(engine: RolloutEngine) -> None:
     sp = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=11)
     first = engine.generate(PROMPTS, sp)

@@ -392,7 +392,9 @@ class _Attention(nn.Module):
             # One query per head: fold the query heads of each K/V group into the query axis, so grouped-query
             # attention is plain attention without K/V repetition (and no causal mask: all keys are past).
             q = q.view(B, self.n_kv, rep, dh)
-            out = _decode_attention(q, k, v, mask, prefix, layer).view(B, self.n_heads, 1, dh)
+            # reshape, not view: with one shared prompt the cascade's output has its batch and head axes
+            # swapped in memory
+            out = _decode_attention(q, k, v, mask, prefix, layer).reshape(B, self.n_heads, 1, dh)
         else:
             out = _sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=rep > 1)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * dh)
