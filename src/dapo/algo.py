@@ -183,28 +183,40 @@ def _as_aggregation(mode: LossAggregation | str) -> LossAggregation:
         raise ValueError(f"unknown loss aggregation {mode!r}; allowed: {allowed}") from None
 
 
-def loss_denominator(
+def denominator_count(
     mode: LossAggregation | str, mask: Tensor, *, max_response_length: int | None = None
 ) -> float:
-    """The global denominator of the loss of one mini-batch (§3.3), from its whole response mask ``[B, T]``.
+    """The raw count behind a mini-batch's loss denominator (§3.3), from a response mask ``[B, T]``.
 
     token-mean: number of valid tokens; seq-mean-*: number of sequences with at least one valid token;
-    seq-mean-token-sum-norm: that number × ``max_response_length``. With several data-parallel ranks, pass the
-    mask of the whole mini-batch (or sum the per-rank counts) so every rank divides by the same number.
+    seq-mean-token-sum-norm: that number × ``max_response_length``. Additive over rows, so the count of a
+    mini-batch split across micro-batches or data-parallel ranks is the sum of the parts' counts.
     """
     mode = _as_aggregation(mode)
     valid = mask.bool()  # [B, T]
     if mode is LossAggregation.TOKEN_MEAN:
-        count = float(valid.sum().item())
-    else:
-        count = float(valid.any(dim=-1).sum().item())
-        if mode is LossAggregation.SEQ_MEAN_TOKEN_SUM_NORM:
-            if max_response_length is None or max_response_length <= 0:
-                raise ValueError(f"{mode.value!r} needs max_response_length > 0, got {max_response_length}")
-            count *= max_response_length
-    # An all-masked mini-batch (e.g. every sample overlong-filtered) has a zero numerator; 1.0 makes its
-    # loss 0 instead of 0/0 = NaN.
+        return float(valid.sum().item())
+    count = float(valid.any(dim=-1).sum().item())
+    if mode is LossAggregation.SEQ_MEAN_TOKEN_SUM_NORM:
+        if max_response_length is None or max_response_length <= 0:
+            raise ValueError(f"{mode.value!r} needs max_response_length > 0, got {max_response_length}")
+        count *= max_response_length
+    return count
+
+
+def safe_denominator(count: float) -> float:
+    """``count``, or 1.0 when it is 0: an all-masked mini-batch (e.g. every sample overlong-filtered) has a
+    zero numerator, and 1.0 makes its loss 0 instead of 0/0 = NaN."""
     return count if count > 0 else 1.0
+
+
+def loss_denominator(
+    mode: LossAggregation | str, mask: Tensor, *, max_response_length: int | None = None
+) -> float:
+    """The global denominator of the loss of one mini-batch (§3.3), from its whole response mask ``[B, T]``
+    (see `denominator_count`). With several data-parallel ranks, sum the per-rank `denominator_count`s and
+    apply `safe_denominator` instead, so every rank divides by the same number."""
+    return safe_denominator(denominator_count(mode, mask, max_response_length=max_response_length))
 
 
 def aggregate_loss(

@@ -7,6 +7,9 @@ Layout of `<run_dir>/checkpoints/step_000020/`:
   `weights_only=True`, so loading never unpickles arbitrary objects);
 - `state.json`: step counters, the collector's carried groups, keep-rate estimate and sampler position,
   and the RNG state;
+- `sharded/` (data-parallel runs only): the sharded model and optimizer state written by every rank with
+  torch.distributed.checkpoint (DCP); `optimizer.pt` then holds the schedule only. DCP reshards on load, so
+  a checkpoint resumes on a different number of ranks. `state.json` holds each rank's RNG state;
 - `COMPLETE`: written last. A directory is built as `.tmp-step_…` and renamed into place, so a crash
   leaves either a complete checkpoint or a temporary directory that is ignored (and removed by the next
   save).
@@ -26,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dapo.distributed import World
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -74,32 +79,61 @@ def save_checkpoint(
     state: dict[str, Any],
     *,
     keep_last: int,
+    world: World | None = None,
+    sharded: dict[str, Any] | None = None,
 ) -> Path:
-    """Write step `step`'s checkpoint atomically, then delete all but the newest `keep_last`."""
+    """Write step `step`'s checkpoint atomically, then delete all but the newest `keep_last`.
+
+    ``model`` holds the full weights (written by rank 0); ``sharded`` (data-parallel) is written by every
+    rank with DCP. Every rank calls this; it returns when the checkpoint is complete on all of them.
+    """
     from dapo.models import save_pretrained
 
+    world = world or World.single()
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
-    tmp.mkdir()
-    save_pretrained(model, tmp / "model")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "model"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    state = {**state, "step": step, "rng": _rng_state()}
-    (tmp / "state.json").write_text(json.dumps(state))
-    (tmp / COMPLETE).write_text("ok\n")
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    tmp.replace(final)
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    world.barrier()
+    if sharded is not None:
+        from torch.distributed.checkpoint.state_dict_saver import save
+
+        save(sharded, checkpoint_id=str(sharded_checkpoint(tmp)))
+    rngs = world.gather(_rng_state())
+    if world.is_main:
+        save_pretrained(model, tmp / "model")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "model"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        state = {**state, "step": step, "rng": rngs[0], "rng_ranks": rngs}
+        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / COMPLETE).write_text("ok\n")
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        tmp.replace(final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
     return final
+
+
+def sharded_checkpoint(path: Path) -> Path:
+    """The DCP directory of a data-parallel checkpoint; raises CheckpointError when it has none."""
+    sharded = path / "sharded"
+    if path.name.startswith(".tmp-"):
+        return sharded
+    if not (sharded / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint {path} has no sharded state ({sharded}/.metadata): it was written by a single-"
+            "process run; start a data-parallel run from its weights with model.path=" + str(path / "model")
+        )
+    return sharded
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -131,9 +165,11 @@ def latest_checkpoint(run_dir: Path, load_model: Any) -> tuple[Checkpoint, Any] 
     return None
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Restore the torch RNG state saved with a checkpoint."""
-    rng = state.get("rng")
+def restore_rng(state: dict[str, Any], rank: int = 0) -> None:
+    """Restore the torch RNG state saved with a checkpoint (rank ``rank``'s, when it was saved by as many
+    ranks; else rank 0's)."""
+    ranks = state.get("rng_ranks") or []
+    rng = ranks[rank] if rank < len(ranks) else state.get("rng")
     if rng is not None:
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
 

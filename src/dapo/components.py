@@ -47,12 +47,15 @@ def resolve_model_path(path: str, *, progress: bool = True) -> Path:
     return p
 
 
-def load_policy(cfg: ModelConfig, *, path: str | None = None) -> tuple[nn.Module, Any, Path]:
-    """The policy model (on its device, in its dtype), its tokenizer, and the checkpoint directory."""
+def load_policy(
+    cfg: ModelConfig, *, path: str | None = None, device: torch.device | None = None
+) -> tuple[nn.Module, Any, Path]:
+    """The policy model (on its device, in its dtype), its tokenizer, and the checkpoint directory.
+    ``device`` overrides `model.device` (a data-parallel rank's own GPU)."""
     from dapo.models import load_pretrained, load_tokenizer
 
     model_dir = resolve_model_path(path or cfg.path)
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     if device.type == "cpu":
         retain_freed_memory()
     model = load_pretrained(model_dir, dtype=cfg.dtype, device=device, implementation=cfg.implementation)

@@ -245,12 +245,22 @@ class TrainerConfig:
     """Parent directory of run directories."""
     run_name: str = ""
     """Run directory name under output_dir ("" = the config's name, e.g. "tiny")."""
+    world_size: int = 0
+    """Data-parallel ranks (0 = as launched: torchrun's WORLD_SIZE, else 1). A number is checked against
+    the launcher's and sizes `--dry-run`'s per-rank plan."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait for the other ranks before the run stops with an error naming this
+    rank (a rank that died or hangs never makes the others hang)."""
 
     def validate(self) -> None:
         _check(
             self.prompts_per_step >= 1, "trainer.prompts_per_step", self.prompts_per_step, "an integer >= 1"
         )
         _check(self.total_steps >= 0, "trainer.total_steps", self.total_steps, "an integer >= 0")
+        _check(self.world_size >= 0, "trainer.world_size", self.world_size, "0 (as launched) or >= 1")
+        _check(
+            self.collective_timeout_s > 0, "trainer.collective_timeout_s", self.collective_timeout_s, "> 0"
+        )
 
 
 @dataclass

@@ -77,6 +77,19 @@ class RunLogger:
             self.writer.close()
 
 
+class NullLogger:
+    """`RunLogger`'s interface, writing nothing (data-parallel ranks other than 0)."""
+
+    def log(self, step: int, metrics: dict[str, float], *, advance: bool = True) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (0 where the platform does not report it)."""
     try:

@@ -4,9 +4,15 @@ One `Actor.update(batch)` is one training step's optimisation: the step's respon
 mini-batches (`actor.mini_batch_size` responses, one optimizer step each) and each mini-batch into
 micro-batches (memory only). The loss of a mini-batch uses ONE global denominator computed from the whole
 mini-batch's mask (`algo.loss_denominator`), so summing the micro-batch losses gives exactly the mini-batch
-loss and the gradient does not depend on the micro-batch size (nor, later, on the number of data-parallel
-ranks). verl divides each micro-batch by its own token count instead; see paper.md, "What the public
+loss and the gradient does not depend on the micro-batch size nor on the number of data-parallel ranks.
+verl divides each micro-batch by its own token count instead; see paper.md, "What the public
 implementations got wrong".
+
+Data-parallel (`dapo.distributed`): every rank holds the whole step's batch and trains its contiguous share
+of each mini-batch's responses. The denominator is the sum over ranks of each share's count (one all-reduce
+before the first backward); gradients are summed across ranks, so the update equals the single-process one.
+Every rank runs the same number of micro-batches (a short share is padded with empty ones: FSDP's
+collectives would otherwise deadlock), and metrics are reduced with the single-process weights.
 
 The schedule is the paper's: linear warm-up over `warmup_steps` training steps, then constant. A non-finite
 loss or gradient skips that optimizer step and leaves the weights unchanged.
@@ -26,6 +32,7 @@ from torch import Tensor, nn
 
 from dapo import algo
 from dapo.config import ActorConfig, AlgorithmConfig
+from dapo.distributed import World, shard_range
 
 
 @dataclass
@@ -91,6 +98,18 @@ class ResponseModel(Protocol):
     ) -> Tensor: ...
 
 
+_STAT_KEYS = (
+    "entropy",
+    "token_prob",
+    "clip_frac_upper",
+    "clip_frac_lower",
+    "dual_clip_frac",
+    "approx_kl",
+    "ratio_mean",
+)
+"""The token-weighted `actor/` statistics of `Actor._micro_loss`, in a fixed order (reduced over ranks)."""
+
+
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
     """The paper's schedule as a LambdaLR factor: linear warm-up over `warmup_steps` steps, then 1."""
 
@@ -111,8 +130,10 @@ class Actor:
         *,
         temperature: float,
         max_response_length: int,
+        world: World | None = None,
     ) -> None:
         self.model = model
+        self.world = world or World.single()
         self.cfg = cfg
         self.algorithm = algorithm
         # log-probs are those of the sampling distribution: logits / T (greedy sampling has no T; use 1)
@@ -131,9 +152,26 @@ class Actor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _micro_batches(self, batch: TrainBatch, start: int, stop: int) -> Iterator[tuple[int, TrainBatch]]:
-        for lo in range(start, stop, self.cfg.micro_batch_size):
-            yield lo, batch.rows(slice(lo, min(lo + self.cfg.micro_batch_size, stop))).to(self.device)
+    def _share(self, start: int, stop: int) -> tuple[range, int]:
+        """This rank's rows of the mini-batch ``[start, stop)`` and the number of micro-batches every rank
+        runs (that of the largest share)."""
+        rows = shard_range(stop - start, self.world)
+        largest = len(shard_range(stop - start, self.world, rank=0))
+        return range(start + rows.start, start + rows.stop), max(1, -(-largest // self.cfg.micro_batch_size))
+
+    def _micro_batches(self, batch: TrainBatch, rows: range, count: int) -> Iterator[tuple[int, TrainBatch]]:
+        """``count`` micro-batches over ``rows``: (first row, micro-batch); row -1 marks an empty one (one
+        response with nothing in the loss, so every rank runs the same forwards and backwards)."""
+        size = self.cfg.micro_batch_size
+        for i in range(count):
+            lo = rows.start + i * size
+            if lo < rows.stop:
+                yield lo, batch.rows(slice(lo, min(lo + size, rows.stop))).to(self.device)
+            else:
+                empty = batch.rows(slice(rows.start if len(rows) else 0, None)).rows(slice(0, 1))
+                empty.response_mask = torch.zeros_like(empty.response_mask)
+                empty.advantages = torch.zeros_like(empty.advantages)
+                yield -1, empty.to(self.device)
 
     def _logits(self, mb: TrainBatch) -> Tensor:
         """Logits of every response position, `[b, r, V]` in float32."""
@@ -149,12 +187,16 @@ class Actor:
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> Tensor:
         """The trainer's log-probs of every response token, `[B, R]` (0 outside the loss mask), in
-        micro-batches."""
+        micro-batches; with several ranks, each computes its share of each mini-batch (rows of the others
+        stay 0)."""
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-        for lo in range(0, len(batch), self.cfg.micro_batch_size):
-            mb = batch.rows(slice(lo, lo + self.cfg.micro_batch_size)).to(self.device)
-            lp = algo.logprobs_from_logits(self._logits(mb), mb.response_ids, temperature=self.temperature)
-            out[lo : lo + len(mb), : lp.shape[1]] = (lp * mb.response_mask).cpu()
+        for start in range(0, len(batch), self.cfg.mini_batch_size):
+            rows, count = self._share(start, min(start + self.cfg.mini_batch_size, len(batch)))
+            for lo, mb in self._micro_batches(batch, rows, count):
+                logits = self._logits(mb)
+                lp = algo.logprobs_from_logits(logits, mb.response_ids, temperature=self.temperature)
+                if lo >= 0:
+                    out[lo : lo + len(mb), : lp.shape[1]] = (lp * mb.response_mask).cpu()
         return out
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -163,6 +205,7 @@ class Actor:
         With `batch.old_logprobs` None, the update fills them in: the first mini-batch of the first epoch is
         exactly on-policy, so its old log-probs are the detached log-probs of its own forward pass (ratio 1,
         no extra pass); only the later mini-batches get a no-grad pass before the first optimizer step.
+        On return `batch.old_logprobs` holds every row (summed over the ranks that computed them).
         """
         on_policy_rows = 0
         if batch.old_logprobs is None:
@@ -173,31 +216,35 @@ class Actor:
                 old = self.compute_logprobs(rest)
                 batch.old_logprobs[on_policy_rows:, : old.shape[1]] = old
         self.model.train()
-        sums: dict[str, float] = {}
-        tokens_seen = 0.0
+        sums = dict.fromkeys(_STAT_KEYS, 0.0)  # token-weighted sums of this rank's micro-batch statistics
+        tokens_seen, pg_loss = 0.0, 0.0
         grad_norms: list[float] = []
         skipped = 0
         n = len(batch)
         for _ in range(self.cfg.epochs):
             for start in range(0, n, self.cfg.mini_batch_size):
                 stop = min(start + self.cfg.mini_batch_size, n)
-                denom = algo.loss_denominator(
+                rows, count = self._share(start, stop)
+                local = algo.denominator_count(
                     self.aggregation,
-                    batch.response_mask[start:stop],
+                    batch.response_mask[rows.start : rows.stop],
                     max_response_length=self.max_response_length,
                 )
+                denom = algo.safe_denominator(self.world.sum([local])[0])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = 0.0
-                for lo, mb in self._micro_batches(batch, start, stop):
-                    fill = batch.old_logprobs if lo < on_policy_rows else None
+                for lo, mb in self._micro_batches(batch, rows, count):
+                    fill = batch.old_logprobs if 0 <= lo < on_policy_rows else None
                     loss, stats = self._micro_loss(mb, denom, fill_old=fill, row=lo)
                     loss.backward()
                     loss_total += float(loss.detach())
-                    w = float(stats.pop("tokens"))
-                    tokens_seen += w
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v * w
+                    w = stats.pop("tokens")
+                    if w > 0:
+                        tokens_seen += w
+                        for k, v in stats.items():
+                            sums[k] += v * w
                 on_policy_rows = 0  # filled in: later epochs read them like any other mini-batch
+                loss_total = self.world.sum([loss_total])[0]  # every rank takes the same skip decision
                 gnorm = self._clip_gradients()
                 if not (math.isfinite(loss_total) and math.isfinite(gnorm)):
                     # a non-finite loss or gradient would corrupt the weights and the Adam moments: skip the
@@ -207,16 +254,20 @@ class Actor:
                     continue
                 self.optimizer.step()
                 grad_norms.append(gnorm)
-                sums["pg_loss"] = sums.get("pg_loss", 0.0) + loss_total
+                pg_loss += loss_total
         self.optimizer.zero_grad(set_to_none=True)
+        if self.world.size > 1:  # each row was filled by exactly one rank, 0 elsewhere
+            batch.old_logprobs = self.world.sum_tensor(batch.old_logprobs)
         lr = self.scheduler.get_last_lr()[0]
         with warnings.catch_warnings():
             # the schedule counts training steps, also one whose updates were all skipped (torch warns then)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
+        totals = self.world.sum([tokens_seen, *sums.values()])
+        tokens_seen, sums = totals[0], dict(zip(sums, totals[1:], strict=True))
         updates = len(grad_norms)
-        metrics = {f"actor/{k}": v / max(tokens_seen, 1.0) for k, v in sums.items() if k != "pg_loss"}
-        metrics["actor/pg_loss"] = sums.get("pg_loss", 0.0) / max(updates, 1)
+        metrics = {f"actor/{k}": v / max(tokens_seen, 1.0) for k, v in sums.items()}
+        metrics["actor/pg_loss"] = pg_loss / max(updates, 1)
         metrics["actor/grad_norm"] = sum(grad_norms) / max(updates, 1)
         metrics["actor/lr"] = float(lr)
         metrics["actor/updates"] = float(updates)
@@ -268,7 +319,11 @@ class Actor:
         if not params:
             return 0.0
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the norm over all ranks' shards
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
 
     def state_dict(self) -> dict[str, object]:
         """Optimizer and schedule state (the weights are saved by the checkpoint module)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,20 @@ from typing import Any
 
 import torch
 
-from dapo import algo, components
-from dapo.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from dapo import algo, components, distributed
+from dapo.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    sharded_checkpoint,
+)
 from dapo.collect import Collector, CollectSettings, Group, Scorer, make_train_batch
-from dapo.config import Config, dump_config
+from dapo.config import Config, ConfigError, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
-from dapo.logger import RunLogger, environment_info, peak_rss_mb
+from dapo.logger import NullLogger, RunLogger, environment_info, peak_rss_mb
 from dapo.rollout.base import RolloutEngine, SamplingParams
 from dapo.train import Actor
 
@@ -37,33 +45,55 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
+    """Run `cfg`: in this process, or as one rank of a torchrun launch (see `dapo.distributed`)."""
+    world = distributed.init_world(device=cfg.model.device, timeout_s=cfg.trainer.collective_timeout_s)
+    try:
+        check_world_size(cfg, world)
+        return run(cfg, world)
+    except Exception as e:
+        if world.distributed:  # name this rank: torchrun's summary then says which rank failed first
+            print(f"dapo: rank {world.rank} of {world.size} stops: {type(e).__name__}: {e}", file=sys.stderr)
+        raise
+    finally:
+        world.close()
+
+
+def run(cfg: Config, world: distributed.World) -> TrainResult:
     torch.manual_seed(cfg.trainer.seed)
-    run_dir = make_run_dir(cfg)
-    model, tokenizer, model_dir = components.load_policy(cfg.model)
+    run_dir = make_run_dir(cfg, world)
+    model, tokenizer, model_dir = components.load_policy(
+        cfg.model, device=world.device if world.distributed else None
+    )
     train_set = components.tokenize_prompts(
         components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=cfg.data.dedup),
         tokenizer,
         cfg.data.max_prompt_length,
     )
     eval_set = load_eval_set(cfg, tokenizer)
-    engine = components.make_engine(cfg.rollout, model, tokenizer)
-    scorer = components.make_reward_pool(cfg.reward)
-    actor = make_actor(cfg, model)
-    collector = make_collector(cfg, engine, train_set, tokenizer, scorer.score)
-    start_step, history = resume(cfg, run_dir, model, actor, collector)
-    log = RunLogger(
-        run_dir,
-        total_steps=cfg.trainer.total_steps,
-        start_step=start_step,
-        tensorboard=cfg.logging.tensorboard,
-        progress=cfg.logging.progress_bar,
-    )
-    log.message(f"run directory: {run_dir}  (model {model_dir}, {len(train_set)} training prompts)")
+    # one module in one process; FSDP2 shards to train and a full copy to generate with on each rank
+    train_model, rollout_model = distributed.parallelize(model, world)
+    engine = distributed.ShardedEngine(components.make_engine(cfg.rollout, rollout_model, tokenizer), world)
+    pool = components.make_reward_pool(cfg.reward)
+    score = distributed.ShardedScorer(pool.score, world)
+    actor = make_actor(cfg, train_model, world)
+    collector = make_collector(cfg, engine, train_set, tokenizer, score)
+    start_step, history = resume(cfg, run_dir, actor, collector, world, rollout_model)
+    log: RunLogger | NullLogger = NullLogger()
+    if world.is_main:
+        log = RunLogger(
+            run_dir,
+            total_steps=cfg.trainer.total_steps,
+            start_step=start_step,
+            tensorboard=cfg.logging.tensorboard,
+            progress=cfg.logging.progress_bar,
+        )
+    ranks = f", {world.size} data-parallel ranks" if world.distributed else ""
+    log.message(f"run directory: {run_dir}  (model {model_dir}, {len(train_set)} training prompts{ranks})")
 
     def run_eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         metrics = evaluate(
-            engine, eval_set.prompt_ids, eval_set.answers, eval_set.data_sources, scorer.score,
+            engine, eval_set.prompt_ids, eval_set.answers, eval_set.data_sources, score,
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True), eval_sampling(cfg, tokenizer),
         )  # fmt: skip
         metrics["time/eval_s"] = time.perf_counter() - t0
@@ -86,7 +116,8 @@ def train(cfg: Config) -> TrainResult:
             t0 = time.perf_counter()
             metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
             metrics["time/update_s"] = time.perf_counter() - t0
-            # the native engine shares the policy's parameters: the update is already visible to it
+            # in one process the engine shares the policy's parameters; ranks gather the new full weights
+            metrics.update(distributed.sync_weights(train_model, rollout_model))
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
         metrics["perf/peak_rss_mb"] = peak_rss_mb()
@@ -100,18 +131,16 @@ def train(cfg: Config) -> TrainResult:
         if (
             cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
         ) or step == cfg.trainer.total_steps:
-            state = {"collector": collector.state_dict(), "history": history}
-            save_checkpoint(
-                run_dir, step, model, tokenizer, actor.state_dict(), state, keep_last=cfg.checkpoint.keep_last
-            )
+            save(cfg, run_dir, step, actor, collector, history, rollout_model, tokenizer, world)
 
     history["eval_after"] = run_eval(cfg.trainer.total_steps)
     log.close()
-    scorer.close()
+    pool.close()
     before, after = history.get("eval_before", {}), history["eval_after"]
-    if before:
+    if before and world.is_main:
         print(format_before_after(before, after, cfg.evaluation.k))
-    print(f"peak memory (RSS): {peak_rss_mb():.0f} MiB; run directory: {run_dir}")
+    if world.is_main:
+        print(f"peak memory (RSS): {peak_rss_mb():.0f} MiB; run directory: {run_dir}")
     return TrainResult(run_dir, cfg.trainer.total_steps, before, after)
 
 
@@ -119,13 +148,19 @@ def train(cfg: Config) -> TrainResult:
 # The loop's helpers
 
 
-def make_run_dir(cfg: Config) -> Path:
+def make_run_dir(cfg: Config, world: distributed.World | None = None) -> Path:
     """The run directory, holding the resolved config.yaml and env.json.
 
     `<output_dir>/<run_name>`; a fresh run never writes into a directory that already holds checkpoints
     (nothing saved is lost): it takes `<run_name>-2`, `-3`, …; `checkpoint.resume=auto` continues the newest
-    of them.
+    of them. With several ranks, rank 0 chooses and creates it (on a filesystem all ranks share).
     """
+    world = world or distributed.World.single()
+    run_dir = _choose_run_dir(cfg) if world.is_main else None
+    return Path(world.broadcast(str(run_dir)))
+
+
+def _choose_run_dir(cfg: Config) -> Path:
     name = cfg.trainer.run_name or "run"
     root = Path(cfg.trainer.output_dir)
     candidates = [root / name] + [root / f"{name}-{i}" for i in range(2, 10_000)]
@@ -140,7 +175,7 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def make_actor(cfg: Config, model: torch.nn.Module) -> Actor:
+def make_actor(cfg: Config, model: torch.nn.Module, world: distributed.World | None = None) -> Actor:
     """The policy's optimizer and update, at the sampling temperature (log-probs of what was sampled)."""
     return Actor(
         model,
@@ -148,7 +183,19 @@ def make_actor(cfg: Config, model: torch.nn.Module) -> Actor:
         cfg.algorithm,
         temperature=cfg.rollout.temperature,
         max_response_length=cfg.rollout.max_response_length,
+        world=world,
     )
+
+
+def check_world_size(cfg: Config, world: distributed.World) -> None:
+    """`trainer.world_size`, when set, must be what the launcher started."""
+    want = cfg.trainer.world_size
+    if want and want != world.size:
+        how = f"torchrun started {world.size}" if world.distributed else "not launched by torchrun"
+        raise ConfigError(
+            f"trainer.world_size: invalid value {want}; allowed: the launched world size ({how}); start "
+            f"{want} ranks with `torchrun --nproc-per-node {want} -m dapo train ...` or set it to 0"
+        )
 
 
 def make_collector(
@@ -217,10 +264,47 @@ def collect_settings(cfg: Config) -> CollectSettings:
     )
 
 
+def save(
+    cfg: Config,
+    run_dir: Path,
+    step: int,
+    actor: Actor,
+    collector: Collector,
+    history: dict[str, Any],
+    full_model: torch.nn.Module,
+    tokenizer: Any,
+    world: distributed.World,
+) -> None:
+    """Step `step`'s checkpoint: full weights (`model/`), and with several ranks the sharded model and
+    optimizer (DCP, `sharded/`) in place of `optimizer.pt`'s optimizer state."""
+    state = {"collector": collector.state_dict(), "history": history}
+    sharded: dict[str, Any] | None
+    optimizer_state: dict[str, Any]
+    if world.distributed:
+        sharded = distributed.training_state(actor.model, actor.optimizer)
+        optimizer_state = {"scheduler": actor.scheduler.state_dict()}
+    else:
+        sharded, optimizer_state = None, actor.state_dict()
+    save_checkpoint(
+        run_dir, step, full_model, tokenizer, optimizer_state, state,
+        keep_last=cfg.checkpoint.keep_last, world=world, sharded=sharded,
+    )  # fmt: skip
+
+
 def resume(
-    cfg: Config, run_dir: Path, model: torch.nn.Module, actor: Actor, collector: Collector
+    cfg: Config,
+    run_dir: Path,
+    actor: Actor,
+    collector: Collector,
+    world: distributed.World | None = None,
+    full_model: torch.nn.Module | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Restore weights, optimizer, collector and RNG from a checkpoint; returns (step, history)."""
+    """Restore weights, optimizer, collector and RNG from a checkpoint; returns (step, history).
+
+    With several ranks, rank 0 picks the checkpoint; each rank reads its shards of the model and optimizer
+    (DCP reshards a checkpoint written by a different number of ranks) and its own RNG state.
+    """
+    world = world or distributed.World.single()
     mode = cfg.checkpoint.resume
     if mode == "none":
         return 0, {}
@@ -230,25 +314,42 @@ def resume(
         loaded = load_pretrained(model_dir, dtype=cfg.model.dtype, device="cpu")
         return loaded.state_dict()
 
-    if mode == "auto":
-        found = latest_checkpoint(run_dir, load_weights)
+    if world.distributed:
+        found: Path | None = Path(mode) if mode != "auto" else None
+        if mode == "auto" and world.is_main:
+            newest = latest_checkpoint(run_dir, lambda d: sharded_checkpoint(d.parent))
+            found = newest[0].path if newest else None
+        found = world.broadcast(found)
         if found is None:
             return 0, {}
-        ckpt, weights = found
+        ckpt = load_checkpoint(found)
+        distributed.load_training_state(actor.model, actor.optimizer, sharded_checkpoint(ckpt.path))
+        actor.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
+        if full_model is not None:
+            distributed.sync_weights(actor.model, full_model)
     else:
-        ckpt = load_checkpoint(Path(mode))
-        weights = load_weights(ckpt.model_dir)
-    model.load_state_dict(weights)
-    actor.load_state_dict(ckpt.optimizer)
+        if mode == "auto":
+            newest = latest_checkpoint(run_dir, load_weights)
+            if newest is None:
+                return 0, {}
+            ckpt, weights = newest
+        else:
+            ckpt = load_checkpoint(Path(mode))
+            weights = load_weights(ckpt.model_dir)
+        actor.model.load_state_dict(weights)
+        actor.load_state_dict(ckpt.optimizer)
     collector.load_state_dict(ckpt.state["collector"])
-    restore_rng(ckpt.state)
-    print(f"resumed from {ckpt.path} (step {ckpt.state['step']})")
+    restore_rng(ckpt.state, world.rank)
+    if world.is_main:
+        print(f"resumed from {ckpt.path} (step {ckpt.state['step']})")
     return int(ckpt.state["step"]), dict(ckpt.state.get("history", {}))
 
 
 def _kill_point(step: int) -> None:
-    """Fault injection for the resume test: DAPO_KILL_AT_STEP=N kills the process in the middle of step N."""
-    if os.environ.get("DAPO_KILL_AT_STEP") == str(step):
+    """Fault injection for the resume tests: DAPO_KILL_AT_STEP=N kills the process in the middle of step N
+    (with DAPO_KILL_RANK=R, only data-parallel rank R)."""
+    rank = os.environ.get("DAPO_KILL_RANK")
+    if os.environ.get("DAPO_KILL_AT_STEP") == str(step) and rank in (None, os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -1,0 +1,332 @@
+"""Data-parallel training on torch.distributed: the ranks, FSDP2 applied in one place, global reductions,
+full weights for the engines, and sharded generation and scoring.
+
+`dapo train` in one process uses `World.single()`: every reduction is the identity and nothing here touches
+torch.distributed. Under `torchrun` (SPMD, one process per rank), `init_world` joins the process group
+(gloo on CPU, NCCL on CUDA, one GPU per rank) and:
+
+- `parallelize` shards the policy with FSDP2 (`fully_shard` per decoder layer, the embedding (tied head
+  included) as one group, then the root) and keeps a plain, unsharded copy for generation: an engine never
+  decodes through FSDP-wrapped modules, whose hooks would all-gather every layer at every token.
+  Gradients are SUMMED across ranks (divide factor 1, sum reduction on every FSDP module): the actor divides
+  by one global token count per mini-batch, so the sum is exactly the single-process gradient.
+- `sync_weights` streams the updated shards parameter by parameter (`full_tensor()`) into that copy.
+- `ShardedEngine` generates each rank's contiguous share of a round's prompts and gathers the completions in
+  prompt order; `ShardedScorer` scores each rank's share of the responses. So the collector (dynamic
+  sampling), advantages and evaluation run unchanged on every rank, on identical gathered data, and decide
+  the same kept set everywhere.
+
+Seeds derive from the round's seed and the prompt index where a rank's share starts (`shard_seed`), never
+from the rank; with one rank the seed is the round's own, so `torchrun --nproc-per-node 1` samples what
+`dapo train` samples. Sampled responses do depend on the world size (a share is one batch of the engine's
+random stream); greedy decoding and the update do not.
+
+Every collective has the process group's timeout (`trainer.collective_timeout_s`): a rank that dies or
+hangs makes the others fail within that time with an error naming their rank, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dapo.rewards import ScoreBatch
+from dapo.rollout.base import Completion, RolloutEngine, SamplingParams
+
+__all__ = [
+    "ShardedEngine",
+    "ShardedScorer",
+    "World",
+    "init_world",
+    "launched_world_size",
+    "load_training_state",
+    "parallelize",
+    "shard_range",
+    "shard_seed",
+    "sync_weights",
+    "training_state",
+]
+
+T = TypeVar("T")
+
+
+def launched_world_size() -> int | None:
+    """The launcher's world size (torchrun sets WORLD_SIZE), None when not launched by one."""
+    size = os.environ.get("WORLD_SIZE")
+    return int(size) if size else None
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel ranks, and the reductions the loop needs."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False
+    """True when torch.distributed is initialised (under a launcher), even with one rank."""
+
+    @staticmethod
+    def single(device: torch.device | None = None) -> World:
+        return World(device=device or torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums over ranks, in float64 (identity in one process)."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return [float(v) for v in t.cpu().tolist()]
+
+    def sum_tensor(self, t: Tensor) -> Tensor:
+        """``t`` summed over ranks (a new tensor on ``t``'s device; ``t`` itself in one process)."""
+        if not self.distributed:
+            return t
+        out = t.to(self._comm_device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order (picklable objects)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box: list[Any] = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]  # type: ignore[no-any-return]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        # NCCL reduces CUDA tensors only; gloo CPU tensors
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_world(*, device: str = "auto", timeout_s: float = 600.0) -> World:
+    """Join the launcher's process group (torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR), or
+    `World.single()` when not launched by one. CUDA ranks use NCCL and GPU ``LOCAL_RANK``; CPU ranks gloo,
+    each with ``max(1, cores // local ranks)`` threads."""
+    size = launched_world_size()
+    if size is None:
+        return World.single()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // local_size))
+    dist.init_process_group(
+        backend="nccl" if use_cuda else "gloo",
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=dev if use_cuda else None,
+    )
+    return World(rank, size, local_rank, local_size, dev, distributed=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP2: the one place where parallelism is applied to the model
+
+
+def parallelize(model: nn.Module, world: World) -> tuple[nn.Module, nn.Module]:
+    """(the module to train, the module to generate with).
+
+    One process: the same module twice (the engine shares the policy's parameters). Under a launcher: the
+    policy sharded with FSDP2, and a plain deep copy of the full weights for the engine. CUDA shards keep
+    float32 master weights and compute in bfloat16 with float32 gradient reduction; CPU (gloo has no bf16
+    reductions) stays float32.
+    """
+    if not world.distributed:
+        return model, model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    from dapo.models import CausalLM
+
+    if not isinstance(model, CausalLM):
+        raise ValueError(
+            f"data-parallel training needs model.implementation=native (got {type(model).__name__})"
+        )
+    # the actor never changes the logits in place (FSDP warns that an in-place op on them would skip its
+    # pre-backward hook)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    rollout_model = _plain_copy(model)
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if world.device.type == "cuda":
+        model.float()  # master weights; the engine's copy keeps the checkpoint dtype
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if world.device.type == "cuda" and rollout_model.lm_head_weight.dtype != torch.float32:
+        kwargs["mp_policy"] = mp
+    for layer in model.model.layers:
+        fully_shard(layer, **kwargs)
+        # the prefix-shared training forward calls the layers' `forward_shared`, not `forward`
+        register_fsdp_forward_method(layer, "forward_shared")
+    head: list[nn.Module] = [model.model.embed_tokens]
+    if not model.args.tie_word_embeddings:
+        head.append(model.lm_head)
+    # the head reads its weight outside a module call (`_linear(h, lm_head_weight)`): keep the group
+    # unsharded from the embedding's forward until the backward
+    fully_shard(head, reshard_after_forward=False, **kwargs)
+    fully_shard(model, **kwargs)
+    register_fsdp_forward_method(model, "forward_responses")
+    for m in model.modules():
+        if isinstance(m, FSDPModule):  # neither call is recursive
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return model, rollout_model
+
+
+def _plain_copy(model: nn.Module) -> Any:
+    import copy
+
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+@torch.no_grad()
+def sync_weights(sharded: nn.Module, plain: nn.Module) -> dict[str, float]:
+    """Copy the full weights of ``sharded`` into ``plain``, one parameter at a time (each `full_tensor()`
+    is an all-gather, in the same order on every rank). `time/weight_sync_s` and `rollout/weight_sync_mb`
+    (bytes gathered per rank); nothing when both are the same module."""
+    if sharded is plain:
+        return {}
+    t0, moved = time.perf_counter(), 0
+    target = dict(plain.named_parameters())
+    for name, p in sharded.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        target[name].copy_(full)
+        moved += full.numel() * full.element_size()
+    return {"time/weight_sync_s": time.perf_counter() - t0, "rollout/weight_sync_mb": moved / 2**20}
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The sharded model and optimizer state for torch.distributed.checkpoint (keys are parameter names, so
+    a checkpoint loads on any number of ranks)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: Any) -> None:
+    """Read this rank's shards of a `training_state` saved under ``path`` (resharded when the checkpoint
+    was written by a different number of ranks)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    state = training_state(model, optimizer)
+    load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded generation and scoring
+
+
+def shard_range(n: int, world: World, rank: int | None = None) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` items: the first ``n % size`` ranks take one more."""
+    r = world.rank if rank is None else rank
+    q, extra = divmod(n, world.size)
+    lo = r * q + min(r, extra)
+    return range(lo, lo + q + (r < extra))
+
+
+def shard_seed(seed: int, first_prompt: int) -> int:
+    """The sampling seed of a share of a round that starts at prompt ``first_prompt`` (the round's own
+    seed for the share that starts at 0)."""
+    return (seed + 1_000_033 * first_prompt) % (2**31)
+
+
+class ShardedEngine:
+    """`RolloutEngine` over the ranks: each generates its share of the prompts with its own engine, and
+    every rank gets all completions, ordered by prompt index."""
+
+    def __init__(self, engine: RolloutEngine, world: World) -> None:
+        self.engine = engine
+        self.world = world
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        if not self.world.distributed:
+            return self.engine.generate(prompts, sampling)
+        share = shard_range(len(prompts), self.world)
+        seed = sampling.seed
+        if seed is None:  # one draw, on rank 0, for all ranks
+            seed = self.world.broadcast(int(torch.randint(2**31, ()).item()))
+        local: list[Completion] = []
+        if len(share) > 0:
+            local = self.engine.generate(
+                prompts[share.start : share.stop],
+                dataclasses.replace(sampling, seed=shard_seed(seed, share.start)),
+            )
+            for c in local:
+                c.prompt_index += share.start
+        return [c for part in self.world.gather(local) for c in part]
+
+    def load_weights(self, state_dict: Any) -> None:
+        self.engine.load_weights(state_dict)
+
+
+class ShardedScorer:
+    """A scorer over the ranks: each scores its contiguous share of the responses; all get all results."""
+
+    def __init__(self, score: Callable[[Sequence[str], Sequence[str]], ScoreBatch], world: World) -> None:
+        self.score = score
+        self.world = world
+
+    def __call__(self, texts: Sequence[str], truths: Sequence[str]) -> ScoreBatch:
+        if not self.world.distributed:
+            return self.score(texts, truths)
+        share = shard_range(len(texts), self.world)
+        part = (
+            self.score(texts[share.start : share.stop], truths[share.start : share.stop])
+            if len(share) > 0
+            else ScoreBatch(results=[])
+        )
+        parts = self.world.gather(part)
+        return ScoreBatch(
+            results=[r for p in parts for r in p.results],
+            num_timeouts=sum(p.num_timeouts for p in parts),
+            num_errors=sum(p.num_errors for p in parts),
+            num_oversized=sum(p.num_oversized for p in parts),
+        )

@@ -1,0 +1,166 @@
+"""`dapo train --dry-run`: what one step does, and what each data-parallel rank holds, from the config alone.
+
+Nothing is loaded: the model's shape comes from the checkpoint's `config.json` when it is on this machine,
+else from a table of the published shapes of the models the presets name (so `configs/dapo_qwen2.5_32b.yaml`
+can be checked on 128 GPUs before they are rented). The memory figures are estimates of the largest
+tensors (the formulas are in `rank_memory`), not measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dapo.config import Config
+from dapo.models.config import ModelArgs
+
+# Published shapes (config.json of each Hugging Face checkpoint): hidden, intermediate, layers, heads, KV
+# heads, vocabulary, tied embeddings, q/k/v bias.
+KNOWN_SHAPES: dict[str, tuple[int, int, int, int, int, int, bool, bool]] = {
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True, True),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True, True),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False, True),
+    "qwen2.5-14b": (5120, 13824, 48, 40, 8, 152064, False, True),
+    "qwen2.5-32b": (5120, 27648, 64, 40, 8, 152064, False, True),
+    "qwen2.5-math-7b": (3584, 18944, 28, 28, 4, 152064, False, True),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False, False),
+}
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def model_shape(path: str) -> tuple[ModelArgs | None, str]:
+    """(the model's shape, where it came from); None when neither the checkpoint nor the table knows it."""
+    if path == "tiny":
+        from dapo.models.tiny import TinyRecipe
+
+        r = TinyRecipe()
+        args = ModelArgs(
+            architecture="Qwen2ForCausalLM", vocab_size=r.vocab_size, hidden_size=r.hidden_size,
+            intermediate_size=r.intermediate_size, num_hidden_layers=r.num_layers,
+            num_attention_heads=r.num_heads, num_key_value_heads=r.num_kv_heads,
+            head_dim=r.hidden_size // r.num_heads, tie_word_embeddings=True, qkv_bias=True,
+        )  # fmt: skip
+        return args, "the tiny recipe (vocabulary at most its bound)"
+    config = Path(path) / "config.json"
+    if config.is_file():
+        return ModelArgs.from_hf_config(json.loads(config.read_text())), str(config)
+    name = Path(path).name.lower()
+    for key, (h, i, n_layers, heads, kv, vocab, tied, bias) in KNOWN_SHAPES.items():
+        if name == key or name.startswith(key + "-") or name == key + "-instruct":
+            args = ModelArgs(
+                architecture="Qwen2ForCausalLM", vocab_size=vocab, hidden_size=h, intermediate_size=i,
+                num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=h // heads, tie_word_embeddings=tied, qkv_bias=bias,
+            )  # fmt: skip
+            return args, f"the published shape of {key} ({path} is not on this machine)"
+    return None, f"unknown ({path} has no config.json here and is not in dapo.plan.KNOWN_SHAPES)"
+
+
+def parameter_count(a: ModelArgs) -> tuple[int, int]:
+    """(all parameters, parameters of one decoder layer)."""
+    q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    attention = a.hidden_size * (q + 2 * kv) + q * a.hidden_size + (q + 2 * kv) * a.qkv_bias
+    layer = attention + 3 * a.hidden_size * a.intermediate_size + 2 * a.hidden_size
+    embedding = a.vocab_size * a.hidden_size
+    total = embedding * (1 if a.tie_word_embeddings else 2) + a.num_hidden_layers * layer + a.hidden_size
+    return total, layer
+
+
+@dataclass
+class RankMemory:
+    """Estimated bytes per rank, by what holds them."""
+
+    params: float
+    grads: float
+    optimizer: float
+    gathered_layers: float
+    activations: float
+    logits: float
+    engine_weights: float
+    kv_cache: float
+
+    @property
+    def total(self) -> float:
+        return sum(vars(self).values())
+
+
+def rank_memory(cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool) -> RankMemory:
+    """Per-rank estimate at the config's sizes.
+
+    Training state is sharded W ways: float32 parameters, gradients and AdamW's two moments (4 + 4 + 8
+    bytes per parameter / W; on CUDA the float32 shard is the master copy of bfloat16 compute). While a layer
+    computes, its full parameters are gathered (two layers at the compute dtype: one computing, one
+    prefetched). Activations saved for the backward (no activation checkpointing): about (6·hidden + 4·MLP
+    width) values per token per layer at the compute dtype, for the micro-batch's prompt + response tokens;
+    logits in float32 three times over (logits, log-softmax, their gradient) for the response tokens. The
+    engine holds a full copy of the weights at the model dtype and a KV cache of 2 · layers · KV heads ·
+    head dim values per token for every row it decodes at once.
+    """
+    total, layer = parameter_count(a)
+    compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
+    w = max(world_size, 1)
+    tokens = cfg.actor.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_response_length)
+    response_tokens = cfg.actor.micro_batch_size * cfg.rollout.max_response_length
+    per_token_layer = (6 * a.hidden_size + 4 * a.intermediate_size) * compute
+    rows = round_prompts(cfg, w) * cfg.rollout.n
+    if cfg.rollout.max_batch_size:
+        rows = min(rows, cfg.rollout.max_batch_size)
+    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * compute
+    return RankMemory(
+        params=4 * total / w,
+        grads=4 * total / w,
+        optimizer=8 * total / w,
+        gathered_layers=2 * layer * compute if w > 1 else 0.0,
+        activations=tokens * a.num_hidden_layers * per_token_layer,
+        logits=3 * 4 * response_tokens * a.vocab_size,
+        engine_weights=total * _DTYPE_BYTES[cfg.model.dtype] if w > 1 else 0.0,
+        kv_cache=rows * (cfg.data.max_prompt_length + cfg.rollout.max_response_length) * kv_per_token,
+    )
+
+
+def round_prompts(cfg: Config, world_size: int) -> int:
+    """Prompts one rank generates in the largest generation round."""
+    n = cfg.trainer.prompts_per_step
+    per_round = math.ceil(n * cfg.algorithm.max_oversample) if cfg.algorithm.dynamic_sampling else n
+    return math.ceil(per_round / max(world_size, 1))
+
+
+def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
+    """The per-rank lines of the dry-run plan."""
+    w = max(world_size, 1)
+    responses = cfg.trainer.prompts_per_step * cfg.rollout.n
+    mini = cfg.actor.mini_batch_size
+    share = math.ceil(mini / w)
+    lines = [
+        f"per rank ({w} data-parallel rank{'s' if w > 1 else ''}"
+        + (", FSDP2 shards of the policy + a full copy for generation):" if w > 1 else "):"),
+        f"  prompts generated per round       <= {round_prompts(cfg, w)} "
+        f"(x G = {round_prompts(cfg, w) * cfg.rollout.n} responses)",
+        f"  responses trained per step        {math.ceil(responses / w)} of {responses}"
+        f" ({share} of each mini-batch of {mini}: {math.ceil(share / cfg.actor.micro_batch_size)} "
+        f"micro-batches of <= {cfg.actor.micro_batch_size})",
+    ]
+    args, source = model_shape(cfg.model.path)
+    if args is None:
+        lines.append(f"  memory estimate                   not available: model shape {source}")
+        return "\n".join(lines)
+    total, _ = parameter_count(args)
+    m = rank_memory(cfg, args, w, cuda=cuda)
+    gib = 2.0**30
+    lines += [
+        f"  model                             {total / 1e9:.3g}B parameters (shape from {source})",
+        f"  memory estimate ({'CUDA, bf16 compute' if cuda else 'CPU'}, GiB)",
+        f"    parameters (fp32 shard)         {m.params / gib:10.2f}",
+        f"    gradients (fp32 shard)          {m.grads / gib:10.2f}",
+        f"    AdamW moments (fp32 shard)      {m.optimizer / gib:10.2f}",
+        f"    gathered layers (2)             {m.gathered_layers / gib:10.2f}",
+        f"    activations (micro-batch)       {m.activations / gib:10.2f}",
+        f"    logits (fp32, micro-batch)      {m.logits / gib:10.2f}",
+        f"    engine's full weights           {m.engine_weights / gib:10.2f}",
+        f"    KV cache (largest round)        {m.kv_cache / gib:10.2f}",
+        f"    total                           {m.total / gib:10.2f}",
+    ]
+    return "\n".join(lines)

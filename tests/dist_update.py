@@ -1,0 +1,81 @@
+"""One `Actor.update` of a fixed batch on every rank: run by tests/test_distributed.py as
+`torchrun --nproc-per-node 2 -m tests.dist_update OUT`.
+
+Writes `<out>/<case>.pt` from rank 0: the full parameters after the update, for each loss aggregation and
+micro-batch size, and for a per-rank-normalised negative control (each rank divides by its own count).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from dapo import distributed
+from dapo.config import ActorConfig, AlgorithmConfig
+from dapo.train import Actor
+from tests.test_train import random_batch, tiny_model
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+BATCH, MINI = 10, 5  # two mini-batches of 5 responses: shares of 3 and 2 rows on 2 ranks
+LR = 1e-6  # the paper's learning rate
+
+
+class PerRankWorld(distributed.World):
+    """The negative control: sums are this rank's own values (per-rank normalisation)."""
+
+    def sum(self, values):  # type: ignore[no-untyped-def]
+        return [float(v) for v in values]
+
+
+def update(world: distributed.World, aggregation: str, micro: int) -> dict[str, torch.Tensor]:
+    train_model, plain = distributed.parallelize(tiny_model(), world)
+    cfg = ActorConfig(lr=LR, warmup_steps=0, mini_batch_size=MINI, micro_batch_size=micro, weight_decay=0.1)
+    actor = Actor(
+        train_model,
+        cfg,
+        AlgorithmConfig(loss_aggregation=aggregation),  # type: ignore[arg-type]
+        temperature=1.0,
+        max_response_length=8,
+        world=world,
+    )
+    batch = random_batch(BATCH)
+    grads: list[dict[str, torch.Tensor]] = []  # the summed gradient of each mini-batch, before its step
+    step = actor.optimizer.step
+
+    def record_then_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        grads.append({n: _full(p.grad).clone() for n, p in train_model.named_parameters()})
+        return step(*args, **kwargs)
+
+    actor.optimizer.step = record_then_step  # type: ignore[method-assign]
+    actor.update(batch)
+    distributed.sync_weights(train_model, plain)
+    weights = {k: v.detach().clone() for k, v in plain.state_dict().items()}
+    weights["old_logprobs"] = batch.old_logprobs.clone()  # type: ignore[union-attr]
+    for i, g in enumerate(grads):
+        weights.update({f"grad{i}.{n}": t for n, t in g.items()})
+    return weights
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    world = distributed.init_world(device="cpu")
+    results = {}
+    for aggregation in AGGREGATIONS:
+        for micro in (1, MINI):
+            results[f"{aggregation}-{micro}"] = update(world, aggregation, micro)
+    control = PerRankWorld(**{f: getattr(world, f) for f in world.__dataclass_fields__})
+    results["per-rank-token-mean-1"] = update(control, "token-mean", 1)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(results, out / "updates.pt")
+    world.close()
+
+
+if __name__ == "__main__":
+    main()
