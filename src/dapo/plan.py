@@ -84,7 +84,7 @@ class RankMemory:
 
     @property
     def total(self) -> float:
-        return sum(vars(self).values())
+        return float(sum(vars(self).values()))
 
 
 def rank_memory(cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool) -> RankMemory:
