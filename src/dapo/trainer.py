@@ -112,6 +112,7 @@ def train(cfg: Config) -> TrainResult:
     if before:
         print(format_before_after(before, after, cfg.evaluation.k))
     print(f"peak memory (RSS): {peak_rss_mb():.0f} MiB; run directory: {run_dir}")
+    print(f"figures and health notes: dapo report {run_dir}")
     return TrainResult(run_dir, cfg.trainer.total_steps, before, after)
 
 
