@@ -250,7 +250,7 @@ def main() -> None:
     from dapo.report import write_report
 
     report = write_report([r for rs in runs.values() for r in rs], args.out / "report")
-    print(f"report: {report}")
+    print(f"report: {report.index} ({len(report.pngs)} figures, {len(report.notes)} health notes)")
     if args.figure:
         figure(runs, args.figure)
         print(f"figure: {args.figure}")
