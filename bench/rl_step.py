@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,13 +204,10 @@ def dapo_reward(cfg: Config, pool: RewardPool, lengths: list[float]) -> Callable
     return math_dapo
 
 
-def trl_step_times(cfg: Config, path: Path, steps: int, warmup: int, out: Path) -> list[dict[str, float]]:
-    """Run warm-up + measured steps of TRL's GRPOTrainer on the same work; per-step seconds (total and
-    transformers.generate) and mean response length of the measured steps."""
-    threads = torch.get_num_threads()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    examples = components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
-    prompts = components.tokenize_prompts(examples[:PROMPTS], tokenizer, cfg.data.max_prompt_length)
+def trl_prompts(cfg: Config, tokenizer: Any, examples: list[Any]) -> tuple[list[str], list[str]]:
+    """dapo's chat-templated prompts as the text TRL takes (checked to re-tokenize to dapo's ids), and their
+    answers."""
+    prompts = components.tokenize_prompts(examples, tokenizer, cfg.data.max_prompt_length)
     texts = [
         tokenizer.apply_chat_template(e.chat_messages(), tokenize=False, add_generation_prompt=True)
         for e in prompts.examples
@@ -218,45 +215,86 @@ def trl_step_times(cfg: Config, path: Path, steps: int, warmup: int, out: Path) 
     for text, ids in zip(texts, prompts.prompt_ids, strict=True):  # TRL tokenizes plain-text prompts this way
         if tokenizer(text=text)["input_ids"] != ids:
             raise RuntimeError(f"TRL would see other prompt tokens than dapo for {text!r}")
+    return texts, prompts.answers
+
+
+def grpo_trainer(
+    cfg: Config,
+    path: Path,
+    texts: list[str],
+    answers: list[str],
+    out: Path,
+    *,
+    max_steps: int,
+    steps_per_generation: int = 1,
+    shuffle: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> tuple[trl.GRPOTrainer, RewardPool, list[float]]:
+    """TRL's GRPOTrainer set up to do dapo's step from `cfg` on the checkpoint at `path`: each generation
+    batch is `cfg.trainer.prompts_per_step` prompts x G, trained in `steps_per_generation` optimizer steps
+    (dapo's mini-batches), with dapo's reward (`dapo_reward`) and dapo's optimizer exactly; the learning
+    rate warms up linearly over `cfg.actor.warmup_steps` generation batches, then stays constant (as dapo's
+    schedule). Returns the trainer, its reward pool (close it) and the list of mean completion lengths
+    that each reward call appends to."""
+    threads = torch.get_num_threads()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     stops = list(components.stop_token_ids(tokenizer))
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, local_files_only=True
     )
     model.generation_config.eos_token_id = stops  # TRL stops on these (plus the tokenizer's eos)
-    total = warmup + steps
-    # rows in order, no shuffling: every step takes the same 8 prompts (RepeatSampler repeats each G times)
-    dataset = datasets.Dataset.from_dict({"prompt": texts * total, "answer": prompts.answers * total})
-    a = cfg.actor
+    dataset = datasets.Dataset.from_dict({"prompt": texts, "answer": answers})
+    a, g = cfg.actor, cfg.rollout.n
+    batch = cfg.trainer.prompts_per_step * g // steps_per_generation
     args = trl.GRPOConfig(
-        output_dir=str(out), max_steps=total, per_device_train_batch_size=PROMPTS * G, num_generations=G,
-        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=NEW_TOKENS,
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=batch, num_generations=g,
+        steps_per_generation=steps_per_generation, gradient_accumulation_steps=1, num_iterations=1,
+        max_completion_length=cfg.rollout.max_response_length,
         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=0, loss_type="dapo",
         epsilon=cfg.algorithm.eps_low, epsilon_high=cfg.algorithm.eps_high, beta=0.0, scale_rewards="group",
         mask_truncated_completions=cfg.algorithm.overlong_filter, use_vllm=False, use_cpu=True, bf16=False,
         fp16=False, activation_checkpointing=False, learning_rate=a.lr, adam_beta1=a.betas[0],
         adam_beta2=a.betas[1], adam_epsilon=1e-8, weight_decay=a.weight_decay, max_grad_norm=a.grad_clip,
-        lr_scheduler_type="constant", warmup_steps=0, shuffle_dataset=False, seed=cfg.trainer.seed,
+        lr_scheduler_type="constant", warmup_steps=0, shuffle_dataset=shuffle, seed=cfg.trainer.seed,
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, log_completions=False,
         dataloader_num_workers=0,
     )  # fmt: skip
     # dapo's optimizer exactly: AdamW with weight decay on every parameter (Trainer's default exempts biases
-    # and norms), constant learning rate
+    # and norms); dapo's schedule: lr x min(1, generation batch / warm-up steps), 1-based
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=a.lr, betas=a.betas, weight_decay=a.weight_decay, eps=1e-8
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    warmup = a.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i // steps_per_generation + 1) / warmup) if warmup else 1.0
+    )
     pool = components.make_reward_pool(cfg.reward)
     lengths: list[float] = []
-    timer = StepTimer()
     trainer = trl.GRPOTrainer(
         model=model, reward_funcs=dapo_reward(cfg, pool, lengths), args=args, train_dataset=dataset,
-        processing_class=tokenizer, callbacks=[timer], optimizers=(optimizer, scheduler),
+        processing_class=tokenizer, callbacks=list(callbacks), optimizers=(optimizer, scheduler),
     )  # fmt: skip
     trainer.remove_callback(transformers.PrinterCallback)  # it would print the final metrics dict
     if trainer.args.gradient_checkpointing or torch.get_num_threads() != threads:
         raise RuntimeError("TRL turned on gradient checkpointing or changed the number of threads")
     if sorted(trainer.eos_token_ids) != sorted(stops):
         raise RuntimeError(f"TRL stops on {trainer.eos_token_ids}, dapo on {stops}")
+    return trainer, pool, lengths
+
+
+def trl_step_times(cfg: Config, path: Path, steps: int, warmup: int, out: Path) -> list[dict[str, float]]:
+    """Run warm-up + measured steps of TRL's GRPOTrainer on the same work; per-step seconds (total and
+    transformers.generate) and mean response length of the measured steps."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    examples = components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
+    texts, answers = trl_prompts(cfg, tokenizer, examples[:PROMPTS])
+    total = warmup + steps
+    timer = StepTimer()
+    # rows in order, no shuffling: every step takes the same 8 prompts (RepeatSampler repeats each G times)
+    trainer, pool, lengths = grpo_trainer(
+        cfg, path, texts * total, answers * total, out, max_steps=total, callbacks=[timer]
+    )
+    model = trainer.model
     generate_seconds: list[float] = []
     generate = model.generate
 

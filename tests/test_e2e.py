@@ -92,6 +92,7 @@ def test_dapo_eval_on_a_checkpoint_and_on_aime(
                  "evaluation.max_prompts=12", "rollout.max_response_length=40"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "12 prompt rows x k=2" in out and "arithmetic/avg@2" in out
+    assert "95% CI [" in out and "arithmetic/pass@1" in out  # bootstrap interval, unbiased pass@j < k
     if not AIME.is_file():
         pytest.skip(f"AIME data missing: {AIME}")
     # AIME repeats each problem 32 times on purpose: evaluation keeps every row

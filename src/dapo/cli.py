@@ -1,4 +1,4 @@
-"""The `dapo` command line: `dapo train`, `dapo eval`, `dapo config`.
+"""The `dapo` command line: `dapo train`, `dapo eval`, `dapo report`, `dapo config`.
 
 Every subcommand takes `--config FILE_OR_PRESET` and trailing `key.path=value` overrides
 (e.g. `actor.lr=2e-6`).
@@ -22,6 +22,8 @@ dapo: reinforcement learning for language models with DAPO (arXiv 2503.14476).
                                   print the resolved config and the per-step plan, load nothing, exit
   dapo eval --model DIR --data FILE
                                   avg@k / pass@k / maj@k of a checkpoint on a dataset
+  dapo report RUN_DIR [RUN_DIR ...] [--out DIR]
+                                  figures, summary and health notes of runs (DIR/index.html)
   dapo config [--config FILE]     print the resolved config with each field's documentation
 """
 
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dapo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,config}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,report,config}")
 
     train = sub.add_parser(
         "train",
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="checkpoint directory (Hugging Face format) or 'tiny'")
     ev.add_argument("--data", nargs="+", required=True, help="parquet/jsonl files, or 'arithmetic'")
     ev.add_argument("--k", type=int, default=None, help="samples per prompt row (default: evaluation.k)")
+
+    rep = sub.add_parser("report", help="figures, summary table and health notes of runs (HTML)")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
+    rep.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report for one run)")
 
     cfg = sub.add_parser("config", help="print the resolved config with field documentation")
     _add_config_args(cfg)
@@ -135,6 +141,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dapo.report import ReportError, report
+
+    try:
+        written = report(args.run_dirs, args.out)
+    except ReportError as e:
+        print(f"dapo report: {e}", file=sys.stderr)
+        return 2
+    for note in written.notes:
+        print(f"health: {note.run}, step {note.step}: {note.text}")
+    print(f"report: {written.index} ({len(written.pngs)} figures, {len(written.notes)} health notes)")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -158,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "config": _cmd_config}
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "config": _cmd_config}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -6,14 +6,18 @@ file repeats each problem 32 times on purpose, so avg over its 960 rows is the p
 copies are not taken to be the k samples either. Metrics are means over rows:
 - avg@k: the mean accuracy of the k samples (the expected accuracy of one sample);
 - pass@k: 1 if any of the k samples is correct;
-- maj@k: 1 if the most frequent normalised prediction among the k is correct (ties: the one seen first).
+- maj@k: 1 if the most frequent normalised prediction among the k is correct (ties: the one seen first);
+- pass@j for j = 1, 2, 4, ... < k: the unbiased estimator from the k samples (`dapo.stats.pass_at_k`);
+- avg@k_ci95_low / _high: the 95% percentile-bootstrap interval of avg@k, resampling problems (a problem's
+  copies, rows with the same prompt, count once, with their mean; seeded: the same scores give the same
+  interval).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,17 +25,20 @@ from dapo import components
 from dapo.config import Config
 from dapo.rewards import RewardResult, ScoreBatch
 from dapo.rollout.base import RolloutEngine, SamplingParams
+from dapo.stats import bootstrap_mean_ci, pass_at_k, problem_means
 
 Scorer = Callable[[Sequence[str], Sequence[str]], ScoreBatch]
 
 
 @dataclass(frozen=True)
 class RowScores:
-    """The k scored samples of one prompt row."""
+    """The k scored samples of one prompt row; rows with equal `problem` are copies of one problem (None:
+    a problem of its own)."""
 
     data_source: str
     results: list[RewardResult]
     lengths: list[int]
+    problem: Hashable | None = None
 
     def avg(self) -> float:
         return sum(r.acc for r in self.results) / len(self.results)
@@ -39,14 +46,21 @@ class RowScores:
     def passed(self) -> float:
         return float(any(r.acc for r in self.results))
 
+    def pass_at(self, k: int) -> float:
+        return pass_at_k(len(self.results), sum(r.acc for r in self.results), k)
+
     def majority(self) -> float:
         votes = Counter(r.pred for r in self.results)
         top = votes.most_common(1)[0][0]  # Counter keeps first-seen order among equal counts
         return float(next(r.acc for r in self.results if r.pred == top))
 
 
+CI_LOW, CI_HIGH = "_ci95_low", "_ci95_high"
+
+
 def summarize(rows: Sequence[RowScores], k: int) -> dict[str, float]:
-    """`eval/<source>/avg@k`, `pass@k`, `maj@k`, `response_length`, `rows` per source and over all rows."""
+    """`eval/<source>/avg@k` (with `avg@k_ci95_low` / `_high`), `pass@k`, `pass@j` (j = 1, 2, 4, ... < k),
+    `maj@k`, `response_length`, `rows`, `problems` per source and over all rows."""
     metrics: dict[str, float] = {}
     sources = sorted({r.data_source for r in rows})
     groups = [(s, [r for r in rows if r.data_source == s]) for s in sources]
@@ -54,12 +68,24 @@ def summarize(rows: Sequence[RowScores], k: int) -> dict[str, float]:
         groups.append(("all", list(rows)))
     for source, part in groups:
         n = len(part)
-        metrics[f"eval/{source}/avg@{k}"] = sum(r.avg() for r in part) / n
+        avgs = [r.avg() for r in part]
+        per_problem = problem_means(
+            avgs, [("row", i) if r.problem is None else r.problem for i, r in enumerate(part)]
+        )
+        low, high = bootstrap_mean_ci(per_problem, level=0.95)
+        metrics[f"eval/{source}/avg@{k}"] = sum(avgs) / n
+        metrics[f"eval/{source}/avg@{k}{CI_LOW}"] = low
+        metrics[f"eval/{source}/avg@{k}{CI_HIGH}"] = high
         metrics[f"eval/{source}/pass@{k}"] = sum(r.passed() for r in part) / n
+        j = 1
+        while j < k:
+            metrics[f"eval/{source}/pass@{j}"] = sum(r.pass_at(j) for r in part) / n
+            j *= 2
         metrics[f"eval/{source}/maj@{k}"] = sum(r.majority() for r in part) / n
         lengths = [x for r in part for x in r.lengths]
         metrics[f"eval/{source}/response_length"] = sum(lengths) / len(lengths)
         metrics[f"eval/{source}/rows"] = float(n)
+        metrics[f"eval/{source}/problems"] = float(len(per_problem))
     return metrics
 
 
@@ -95,6 +121,7 @@ def evaluate(
                     data_source=data_sources[lo + j],
                     results=scored.results[part],
                     lengths=[len(c.token_ids) for c in completions[part]],
+                    problem=tuple(prompts[lo + j]),
                 )
             )
     return summarize(rows, sampling.n)
@@ -122,7 +149,21 @@ def load_eval_set(cfg: Config, tokenizer: Any, files: list[str] | None = None) -
 
 
 def format_eval(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items() if "@" in k)
+    """One line: avg@k [95% CI], pass@k and maj@k of each source."""
+    parts = []
+    for key, value in metrics.items():
+        name = key.removeprefix("eval/")
+        metric = name.rsplit("/", 1)[-1]
+        if not metric.startswith(("avg@", "pass@", "maj@")) or metric.endswith((CI_LOW, CI_HIGH)):
+            continue
+        k = metric.split("@")[1]
+        if metric.startswith("pass@") and f"{key.rsplit('/', 1)[0]}/avg@{k}" not in metrics:
+            continue  # pass@j for j < k: in the metrics, not on the line
+        ci = ""
+        if key + CI_LOW in metrics:
+            ci = f" [{metrics[key + CI_LOW]:.3f}, {metrics[key + CI_HIGH]:.3f}]"
+        parts.append(f"{name}={value:.3f}{ci}")
+    return "  ".join(parts)
 
 
 def evaluate_checkpoint(
@@ -149,5 +190,11 @@ def evaluate_checkpoint(
         f"(temperature {sampling.temperature}, top-p {sampling.top_p})"
     )
     for key, value in metrics.items():
-        print(f"  {key.removeprefix('eval/'):<40} {value:.4f}")
+        if key.endswith((CI_LOW, CI_HIGH)):
+            continue
+        ci = ""
+        if key + CI_LOW in metrics:
+            low, high = metrics[key + CI_LOW], metrics[key + CI_HIGH]
+            ci = f"  95% CI [{low:.4f}, {high:.4f}] (bootstrap over problems)"
+        print(f"  {key.removeprefix('eval/'):<40} {value:.4f}{ci}")
     return metrics

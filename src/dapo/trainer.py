@@ -141,6 +141,7 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
         print(format_before_after(before, after, cfg.evaluation.k))
     if world.is_main:
         print(f"peak memory (RSS): {peak_rss_mb():.0f} MiB; run directory: {run_dir}")
+        print(f"figures and health notes: dapo report {run_dir}")
     return TrainResult(run_dir, cfg.trainer.total_steps, before, after)
 
 
