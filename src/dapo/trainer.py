@@ -8,8 +8,6 @@ counted separately (`filter/rounds`), so warm-up, progress and resume count upda
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +17,12 @@ import torch
 
 from dapo import algo, components
 from dapo.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
-from dapo.collect import Collector, CollectSettings, Group, Scorer, make_train_batch
+from dapo.collect import Collected, Collector, CollectSettings, Group, Scorer, make_train_batch
 from dapo.config import Config, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
 from dapo.logger import RunLogger, environment_info, peak_rss_mb
+from dapo.preempt import StopSignal, fault_point, stop_message
 from dapo.rollout.base import RolloutEngine, SamplingParams
 from dapo.train import Actor
 
@@ -57,10 +56,12 @@ def train(cfg: Config) -> TrainResult:
         start_step=start_step,
         tensorboard=cfg.logging.tensorboard,
         progress=cfg.logging.progress_bar,
+        every_steps=cfg.logging.every_steps,
     )
     log.message(f"run directory: {run_dir}  (model {model_dir}, {len(train_set)} training prompts)")
 
     def run_eval(step: int) -> dict[str, float]:
+        fault_point("eval", step)
         t0 = time.perf_counter()
         metrics = evaluate(
             engine, eval_set.prompt_ids, eval_set.answers, eval_set.data_sources, scorer.score,
@@ -71,39 +72,67 @@ def train(cfg: Config) -> TrainResult:
         log.message(f"step {step}: " + format_eval(metrics))
         return metrics
 
-    if start_step == 0 and cfg.evaluation.before_training:
-        history["eval_before"] = run_eval(0)
+    def save(step: int, state: dict[str, Any]) -> None:
+        fault_point("checkpoint", step)
+        save_checkpoint(
+            run_dir, step, model, tokenizer, actor.state_dict(), state, keep_last=cfg.checkpoint.keep_last
+        )
 
-    for step in range(start_step + 1, cfg.trainer.total_steps + 1):
-        t_step = time.perf_counter()
-        collected = collector.collect(step)
-        _kill_point(step)
-        metrics = dict(collected.metrics)
-        metrics["time/collect_s"] = time.perf_counter() - t_step
-        if collected.skipped:
-            log.message(f"step {step}: too few informative groups ({len(collected.groups)}); update skipped")
-        else:
-            t0 = time.perf_counter()
-            metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
-            metrics["time/update_s"] = time.perf_counter() - t0
-            # the native engine shares the policy's parameters: the update is already visible to it
-        metrics["time/step_s"] = time.perf_counter() - t_step
-        metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
-        metrics["perf/peak_rss_mb"] = peak_rss_mb()
-        if (
-            cfg.evaluation.every_steps
-            and step % cfg.evaluation.every_steps == 0
-            and step < cfg.trainer.total_steps
-        ):
-            run_eval(step)
-        log.log(step, metrics)
-        if (
-            cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        ) or step == cfg.trainer.total_steps:
-            state = {"collector": collector.state_dict(), "history": history}
-            save_checkpoint(
-                run_dir, step, model, tokenizer, actor.state_dict(), state, keep_last=cfg.checkpoint.keep_last
-            )
+    def generate(step: int) -> Collected:
+        fault_point("generate", step)
+        return collector.collect(step)
+
+    # SIGTERM / SIGINT: the step in flight is finished (or abandoned while generating), saved, then we stop
+    stop, saved, abandoned = StopSignal(), start_step, None
+    with stop.installed():
+        if start_step == 0 and cfg.evaluation.before_training:
+            history["eval_before"] = run_eval(0)
+
+        for step in range(start_step + 1, cfg.trainer.total_steps + 1):
+            before = {"collector": collector.state_dict(), "history": dict(history)}  # if abandoned
+            t_step = time.perf_counter()
+            collected = stop.abandonable(lambda: generate(step))  # noqa: B023 (called at once)
+            if collected is None:  # stopped while generating: nothing of this step is kept
+                if saved < step - 1:
+                    save(step - 1, before)
+                    saved = step - 1
+                abandoned = step
+                break
+            fault_point("update", step)
+            metrics = dict(collected.metrics)
+            metrics["time/collect_s"] = time.perf_counter() - t_step
+            if collected.skipped:
+                log.message(
+                    f"step {step}: too few informative groups ({len(collected.groups)}); update skipped"
+                )
+            else:
+                t0 = time.perf_counter()
+                metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
+                metrics["time/update_s"] = time.perf_counter() - t0
+                # the native engine shares the policy's parameters: the update is already visible to it
+            metrics["time/step_s"] = time.perf_counter() - t_step
+            metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
+            metrics["perf/peak_rss_mb"] = peak_rss_mb()
+            if (
+                cfg.evaluation.every_steps
+                and step % cfg.evaluation.every_steps == 0
+                and step < cfg.trainer.total_steps
+            ):
+                run_eval(step)
+            log.log(step, metrics)
+            if (
+                (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+                or step == cfg.trainer.total_steps
+                or stop.requested()
+            ):
+                save(step, {"collector": collector.state_dict(), "history": history})
+                saved = step
+            if stop.requested():
+                break
+    if stop.requested():
+        log.close()
+        scorer.close()
+        raise stop.stopped(stop_message(run_dir, saved, abandoned))
 
     history["eval_after"] = run_eval(cfg.trainer.total_steps)
     log.close()
@@ -244,12 +273,6 @@ def resume(
     restore_rng(ckpt.state)
     print(f"resumed from {ckpt.path} (step {ckpt.state['step']})")
     return int(ckpt.state["step"]), dict(ckpt.state.get("history", {}))
-
-
-def _kill_point(step: int) -> None:
-    """Fault injection for the resume test: DAPO_KILL_AT_STEP=N kills the process in the middle of step N."""
-    if os.environ.get("DAPO_KILL_AT_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def format_before_after(before: dict[str, float], after: dict[str, float], k: int) -> str:
