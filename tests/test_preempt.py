@@ -23,24 +23,19 @@ from safetensors.torch import load_file
 
 from dapo.checkpoint import list_checkpoints, load_checkpoint
 from dapo.preempt import Stopped, StopSignal
+from tests.test_e2e import SHORT as E2E_SHORT
+from tests.test_e2e import dapo_train
 
 REPO = Path(__file__).resolve().parents[1]
 
-# 6 steps; checkpoints every 2 steps and evaluations at steps 2 and 4 (the kill test checkpoints every step)
+# test_e2e's short run, made 6 steps; checkpoints every 2 steps, evaluations at steps 2 and 4 (the kill
+# test checkpoints every step); progress as plain lines (the output is a pipe)
 SHORT = [
+    *E2E_SHORT,
     "trainer.total_steps=6",
-    "trainer.prompts_per_step=8",
-    "rollout.n=4",
-    "rollout.max_response_length=40",
-    "reward.overlong_cache_length=8",
-    "actor.mini_batch_size=16",
-    "actor.micro_batch_size=16",
-    "evaluation.max_prompts=8",
-    "evaluation.k=2",
     "evaluation.every_steps=2",
-    "checkpoint.every_steps=2",
     "checkpoint.keep_last=10",
-    "logging.tensorboard=false",
+    "logging.progress_bar=true",
     "logging.every_steps=1",
 ]
 
@@ -107,17 +102,6 @@ def test_a_second_signal_exits_at_once() -> None:
 
 
 # ------------------------------------------------------------------------------------------- end to end
-
-
-def dapo_train(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dapo.cli", "train", *args],
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
