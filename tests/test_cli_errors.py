@@ -162,7 +162,7 @@ def test_bad_rows_with_strict_and_files_without_usable_rows(
     line = train_error(tmp_path, capsys, f"model.path={model}", f"data.train_files=[{empty}]")
     assert "no usable examples" in line and "empty.jsonl" in line
     # without data.strict bad rows are skipped with a one-line warning; with none left, that is an error
-    rows.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    rows.write_text(json.dumps({"prompt": "What is 2 + 2?", "reward_model": {"ground_truth": [4]}}) + "\n")
     code = main(["train", *QUICK, f"trainer.output_dir={tmp_path / 'runs'}", *args])
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 2, err

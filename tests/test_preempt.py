@@ -113,7 +113,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def training_lines(run_dir: Path) -> dict[int, dict[str, float]]:
     """Each step's training metrics (timings and memory left out: they differ between any two runs)."""
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/acc" in r]
+    steps = [r for r in rows if "time/step_s" in r]
     assert len({r["step"] for r in steps}) == len(steps), "a step was logged twice"
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in steps}
 

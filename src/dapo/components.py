@@ -39,7 +39,7 @@ def resolve_model_path(path: str, *, progress: bool = True) -> Path:
     if path == "tiny":
         from dapo.models.tiny import ensure_tiny_model
 
-        return ensure_tiny_model(progress=progress)
+        return ensure_tiny_model(progress=progress, isolated=True)  # a run must not depend on the build
     p = Path(path)
     if not (p / "config.json").is_file():
         what = "no such directory" if not p.exists() else "no config.json there"

@@ -22,14 +22,15 @@ from dapo.errors import UserError
 
 
 def check_train(cfg: Config) -> None:
-    """Everything `dapo train` reads or writes, checked before the model is built."""
-    check_output_dir(cfg.trainer.output_dir)
+    """Everything `dapo train` reads or writes, checked before the model is built (the output directory,
+    which this creates, last)."""
     check_model_path(cfg.model.path)
     if cfg.checkpoint.resume not in ("none", "auto"):
         check_complete(Path(cfg.checkpoint.resume))
     check_data_files(cfg.data.train_files, cfg.data, "data.train_files")
     check_data_files(cfg.evaluation.files, cfg.data, "evaluation.files")
     check_reward_function(cfg.reward.function)
+    check_output_dir(cfg.trainer.output_dir)
 
 
 def check_eval(cfg: Config, model_path: str, data_files: Sequence[str]) -> None:

@@ -36,9 +36,9 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
-    torch.manual_seed(cfg.trainer.seed)
     run_dir = make_run_dir(cfg)
     model, tokenizer, model_dir = components.load_policy(cfg.model)
+    torch.manual_seed(cfg.trainer.seed)  # after the policy: however it was loaded (or built), the same state
     train_set = components.tokenize_prompts(
         components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=cfg.data.dedup),
         tokenizer,
