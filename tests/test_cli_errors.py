@@ -3,6 +3,7 @@ a traceback only with --debug / DAPO_DEBUG=1; the checks that need no model run 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -106,6 +107,9 @@ def test_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert line.startswith("dapo: error: reward.function: unknown reward function 'math_dap'"), line
     line = train_error(tmp_path, capsys, "reward.function=no_such_module_xyz:score")
     assert "cannot import module 'no_such_module_xyz'" in line
+    if importlib.util.find_spec("vllm") is None:
+        line = train_error(tmp_path, capsys, "rollout.engine=vllm")
+        assert "rollout.engine: 'vllm' needs the gpu extra" in line
 
 
 def test_model_checkpoint_and_output_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ is reported when the data is read, in the same way.
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ def check_train(cfg: Config) -> None:
     check_data_files(cfg.data.train_files, cfg.data, "data.train_files")
     check_data_files(cfg.evaluation.files, cfg.data, "evaluation.files")
     check_reward_function(cfg.reward.function)
+    check_engine(cfg.rollout.engine)
     check_output_dir(cfg.trainer.output_dir)
 
 
@@ -70,6 +72,15 @@ def check_data_files(files: Sequence[str], data: DataConfig, key: str) -> None:
             check_file(f, settings)
         except DataError as e:
             raise DataError(f"{key}: {e}") from e
+
+
+def check_engine(engine: str) -> None:
+    """An engine from an optional extra needs that extra installed."""
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "rollout.engine: 'vllm' needs the gpu extra (pip install -e '.[gpu]'), which is not installed; "
+            "allowed here: 'native', 'hf'"
+        )
 
 
 def check_reward_function(spec: str) -> None:

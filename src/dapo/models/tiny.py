@@ -428,7 +428,9 @@ def _sft(model: CausalLM, tokenizer: Any, recipe: TinyRecipe, progress: bool) ->
     model.train()
     losses: list[float] = []
     val_accuracy = _reference_probability(model, val_batch)
-    bar = tqdm(range(recipe.sft_steps), desc="dapo tiny model: SFT", disable=not progress, file=sys.stderr)
+    # a bar only on a terminal: in a log file it would be one long line of carriage returns
+    shown = progress and sys.stderr.isatty()
+    bar = tqdm(range(recipe.sft_steps), desc="dapo tiny model: SFT", disable=not shown, file=sys.stderr)
     for step in bar:
         batch = _sft_batch(tokenizer, [next(stream) for _ in range(recipe.batch_size)], eos_id, pad_id)
         for group in optimizer.param_groups:
