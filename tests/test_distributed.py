@@ -107,7 +107,7 @@ def test_two_rank_run_checkpoint_and_resume_after_a_kill(tmp_path: Path) -> None
     assert [r["step"] for r in rows if "actor/updates" in r] == [1, 2, 3, 4]  # rank 0 logs, once per step
     assert all(r["rollout/weight_sync_mb"] > 0 for r in rows if "actor/updates" in r)
 
-    killed = dapo_torchrun([*common, "trainer.run_name=killed"], env={"DAPO_KILL_AT_STEP": "3"})
+    killed = dapo_torchrun([*common, "trainer.run_name=killed"], env={"DAPO_SIGNAL_AT": "update:3:KILL"})
     assert killed.returncode != 0
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("step_*")] == ["step_000002"]
     resumed = dapo_torchrun([*common, "trainer.run_name=killed", "--resume", "auto"])
@@ -146,7 +146,7 @@ def test_a_dying_rank_stops_the_run_and_is_named(tmp_path: Path) -> None:
     t0 = time.monotonic()
     run = dapo_torchrun(
         [*SHORT, f"trainer.output_dir={tmp_path}", "trainer.collective_timeout_s=60"],
-        env={"DAPO_KILL_AT_STEP": "3", "DAPO_KILL_RANK": "1"},
+        env={"DAPO_SIGNAL_AT": "update:3:KILL:1"},
     )
     assert run.returncode != 0
     assert time.monotonic() - t0 < 300

@@ -68,7 +68,7 @@ def test_resume_after_a_kill_mid_step_is_bit_identical(tiny_model_dir: Path, tmp
     straight = dapo_train([*common, "trainer.run_name=straight"])
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = dapo_train([*common, "trainer.run_name=killed"], env={"DAPO_KILL_AT_STEP": "3"})
+    killed = dapo_train([*common, "trainer.run_name=killed"], env={"DAPO_SIGNAL_AT": "update:3:KILL"})
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL in the middle of step 3
     assert [p.name for p in (tmp_path / "killed" / "checkpoints").glob("step_*")] == ["step_000002"]
     resumed = dapo_train([*common, "trainer.run_name=killed", "--resume", "auto"])

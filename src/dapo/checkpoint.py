@@ -31,12 +31,13 @@ import torch
 from torch import nn
 
 from dapo.distributed import World
+from dapo.errors import UserError
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, partial or corrupt; the message names it."""
 
 
@@ -136,10 +137,20 @@ def sharded_checkpoint(path: Path) -> Path:
     return sharded
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read one checkpoint directory; raises CheckpointError naming what is missing or unreadable."""
+def check_complete(path: Path) -> None:
+    """Raise CheckpointError unless `path` is a complete checkpoint directory (reads no weights)."""
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path}: no such directory; allowed: a checkpoint directory "
+            "(<run directory>/checkpoints/step_NNNNNN) or 'auto'"
+        )
     if not (path / COMPLETE).is_file():
         raise CheckpointError(f"checkpoint {path} is partial (no {COMPLETE} marker)")
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read one checkpoint directory; raises CheckpointError naming what is missing or unreadable."""
+    check_complete(path)
     try:
         state = json.loads((path / "state.json").read_text())
         optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")

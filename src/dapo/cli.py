@@ -1,17 +1,26 @@
 """The `dapo` command line: `dapo train`, `dapo eval`, `dapo report`, `dapo config`.
 
 Every subcommand takes `--config FILE_OR_PRESET` and trailing `key.path=value` overrides
-(e.g. `actor.lr=2e-6`).
+(e.g. `actor.lr=2e-6`). A user error (a bad file, row, path or config value: `dapo.errors.UserError`) prints
+one line `dapo: error: ...` and exits with status 2; `--debug` or `DAPO_DEBUG=1` shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TextIO
 
-from dapo.config import DEFAULT_PRESET, Config, ConfigError, dump_config, load_config
+from dapo.config import DEFAULT_PRESET, Config, dump_config, load_config
+from dapo.errors import UserError
+from dapo.preempt import Stopped
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 DESCRIPTION = """\
 dapo: reinforcement learning for language models with DAPO (arXiv 2503.14476).
@@ -28,7 +37,17 @@ dapo: reinforcement learning for language models with DAPO (arXiv 2503.14476).
 """
 
 
+def _add_debug_arg(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the traceback of errors (also: DAPO_DEBUG=1)",
+    )
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    _add_debug_arg(p, argparse.SUPPRESS)  # accepted after the subcommand too; SUPPRESS keeps the main value
     p.add_argument(
         "--config",
         default=None,
@@ -43,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dapo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    _add_debug_arg(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,report,config}")
 
     train = sub.add_parser(
@@ -122,12 +142,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not cfg.trainer.run_name:  # runs are named after their config: runs/tiny, runs/dapo_qwen2.5_32b, ...
         cfg.trainer.run_name = Path(args.config).stem if args.config else DEFAULT_PRESET
     if args.dry_run:
+        from dapo.distributed import launched_world_size
+        from dapo.plan import format_rank_plan
+
         print("# resolved config")
         print(dump_config(cfg))
         print(format_plan(cfg))
+        world_size = cfg.trainer.world_size or launched_world_size() or 1
+        print(format_rank_plan(cfg, world_size, cuda=cfg.model.device != "cpu"))
         return 0
+    from dapo.preflight import check_train
     from dapo.trainer import train
 
+    check_train(cfg)
     train(cfg)
     return 0
 
@@ -136,6 +163,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
     from dapo.evaluate import evaluate_checkpoint
+    from dapo.preflight import check_eval
+
+    check_eval(cfg, args.model, list(args.data))
 
     evaluate_checkpoint(cfg, model_path=args.model, data_files=list(args.data), k=args.k)
     return 0
@@ -174,16 +204,66 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # overrides may also follow options (`dapo train --resume auto actor.lr=2e-6`): argparse leaves those
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     if args.command is None:
         parser.print_help()
         return 0
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "config": _cmd_config}
-    try:
-        return handlers[args.command](args)
-    except ConfigError as e:
-        print(f"dapo: config error: {e}", file=sys.stderr)
-        return 2
+    debug = args.debug or os.environ.get("DAPO_DEBUG", "") not in ("", "0")
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _OneLineWarnings(warnings.showwarning)
+        try:
+            return handlers[args.command](args)
+        except UserError as e:
+            if debug:
+                raise
+            print(f"dapo: error: {one_line(str(e))}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except Stopped as e:  # SIGTERM / SIGINT during training: the checkpoint is written
+            print(e, file=sys.stderr)
+            return e.exit_status
+        except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save
+            if debug:
+                raise
+            print("dapo: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def one_line(text: str) -> str:
+    """A message on one line (some libraries' messages, quoted in ours, span several)."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+class _OneLineWarnings:
+    """A `warnings.showwarning` that prints dapo's own warnings (skipped rows, a corrupt checkpoint passed
+    over) as one line each, and the others as `original` does."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        self.original = original
+
+    def __call__(
+        self,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        if filename.startswith(_PACKAGE_DIR):
+            print(f"dapo: warning: {one_line(str(message))}", file=file or sys.stderr)
+        else:
+            self.original(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":

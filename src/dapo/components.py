@@ -18,6 +18,7 @@ from torch import nn
 
 from dapo.config import DataConfig, ModelConfig, RewardConfig, RolloutConfig
 from dapo.data import Example, ReaderSettings, load_many
+from dapo.errors import UserError
 from dapo.rewards import RewardPool
 from dapo.rollout.base import RolloutEngine
 
@@ -38,11 +39,13 @@ def resolve_model_path(path: str, *, progress: bool = True) -> Path:
     if path == "tiny":
         from dapo.models.tiny import ensure_tiny_model
 
-        return ensure_tiny_model(progress=progress)
+        return ensure_tiny_model(progress=progress, isolated=True)  # a run must not depend on the build
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path {path!r}: no config.json there (expected a Hugging Face checkpoint dir)"
+        what = "no such directory" if not p.exists() else "no config.json there"
+        raise UserError(
+            f"model path {path!r}: {what}; allowed: a Hugging Face checkpoint directory "
+            "(config.json, *.safetensors, tokenizer files) or 'tiny'"
         )
     return p
 
@@ -156,15 +159,7 @@ def load_examples_for(files: Sequence[str], data: DataConfig, *, split: str, ded
             problems = task.heldout_problems(ARITHMETIC_HELDOUT_PROBLEMS)
         examples += ArithmeticTask.to_examples(problems, split)
     if paths:
-        settings = ReaderSettings(
-            prompt_key=data.prompt_key,
-            answer_key=data.answer_key,
-            data_source_key=data.data_source_key,
-            apply_template=data.apply_template,
-            dedup=dedup,
-            strict=data.strict,
-        )
-        examples += load_many(paths, settings).examples
+        examples += load_many(paths, reader_settings(data, dedup=dedup)).examples
     if dedup:
         seen: set[str] = set()
         unique = []
@@ -174,6 +169,18 @@ def load_examples_for(files: Sequence[str], data: DataConfig, *, split: str, ded
                 unique.append(e)
         examples = unique
     return examples
+
+
+def reader_settings(data: DataConfig, *, dedup: bool) -> ReaderSettings:
+    """The dataset reader's settings from the `data` section."""
+    return ReaderSettings(
+        prompt_key=data.prompt_key,
+        answer_key=data.answer_key,
+        data_source_key=data.data_source_key,
+        apply_template=data.apply_template,
+        dedup=dedup,
+        strict=data.strict,
+    )
 
 
 def tokenize_prompts(examples: list[Example], tokenizer: Any, max_prompt_length: int) -> PromptSet:

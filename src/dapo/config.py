@@ -22,11 +22,13 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from dapo.errors import UserError
+
 PRESETS_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "tiny"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value, key or file is wrong; the message names it and what is allowed."""
 
 
@@ -298,7 +300,12 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory."""
     progress_bar: bool = True
-    """Show a progress bar with ETA and the key figures per step."""
+    """Show progress: a bar with ETA and the key figures on a terminal, else plain lines (see every_steps)."""
+    every_steps: int = 10
+    """When the output is not a terminal (a log file): one plain progress line every this many steps."""
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 1, "logging.every_steps", self.every_steps, "an integer >= 1")
 
 
 @dataclass

@@ -1,6 +1,10 @@
-"""Run logging: `metrics.jsonl` (one JSON object per step), TensorBoard scalars and a console progress bar.
+"""Run logging: `metrics.jsonl` (one JSON object per step), TensorBoard scalars and the console.
 
 Metric names are namespaced: `reward/`, `filter/`, `rollout/`, `actor/`, `eval/`, `perf/`, `time/`.
+
+On a terminal the console shows a progress bar with the key figures; when the output goes to a file or a
+pipe (a cluster job's log), a bar would be one endless line of carriage returns, so the logger prints one
+plain line every `logging.every_steps` steps instead (and at the last step).
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ import json
 import math
 import platform
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
@@ -26,11 +31,31 @@ CONSOLE_KEYS = {
 }
 
 
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
 class RunLogger:
-    """Writes each step's metrics to the run directory and shows progress."""
+    """Writes each step's metrics to the run directory and shows progress.
+
+    `progress`: show it at all; `interactive` (default: stdout and stderr are terminals) chooses the bar
+    over plain lines every `every_steps` steps, written to `stream` (default stdout).
+    """
 
     def __init__(
-        self, run_dir: Path, *, total_steps: int, start_step: int, tensorboard: bool, progress: bool
+        self,
+        run_dir: Path,
+        *,
+        total_steps: int,
+        start_step: int,
+        tensorboard: bool,
+        progress: bool,
+        every_steps: int = 10,
+        interactive: bool | None = None,
+        stream: TextIO | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
@@ -40,17 +65,26 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.stream = stream
+        if interactive is None:
+            interactive = is_terminal(sys.stdout) and is_terminal(sys.stderr)
         self.bar = tqdm(
-            total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True
+            total=total_steps,
+            initial=start_step,
+            disable=not (progress and interactive),
+            unit="step",
+            dynamic_ncols=True,
         )
+        plain = progress and not interactive
+        self.lines = _PlainProgress(total_steps, start_step, every_steps) if plain else None
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be logged again)."""
+        """On resume, drop lines of steps after the checkpoint (they will be logged again); starting at step 0
+        (no checkpoint: a run stopped before its first step ended), drop them all."""
         if not self.path.is_file():
             return
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step
-        ]
+        lines = self.path.read_text().splitlines() if step > 0 else []
+        keep = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= step]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, step: int, metrics: dict[str, float], *, advance: bool = True) -> None:
@@ -66,10 +100,14 @@ class RunLogger:
             self.bar.set_postfix(shown, refresh=False)
         if advance:
             self.bar.update(1)
+            if self.lines is not None and self.lines.due(step):
+                self.message(self.lines.line(step, shown))
 
     def message(self, text: str) -> None:
-        """A line printed above the progress bar."""
-        self.bar.write(text)
+        """A line printed above the progress bar (or among the plain progress lines)."""
+        self.bar.write(text, file=self.stream)
+        if self.lines is not None:
+            (self.stream or sys.stdout).flush()  # a log file shows each line as it happens
 
     def close(self) -> None:
         self.bar.close()
@@ -88,6 +126,29 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+class _PlainProgress:
+    """One line of progress every `every` steps and at the last: step, the key figures, rate, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, every: int) -> None:
+        self.total, self.every = total_steps, max(every, 1)
+        self.t0, self.step0 = time.perf_counter(), start_step
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
+
+    def line(self, step: int, shown: dict[str, str]) -> str:
+        per_step = (time.perf_counter() - self.t0) / max(step - self.step0, 1)
+        figures = "  ".join(f"{k}={v}" for k, v in shown.items())
+        eta = _duration(per_step * (self.total - step))
+        return f"step {step}/{self.total}  {figures}  {per_step:.2f} s/step, {eta} left"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m{s:02d}s" if hours else f"{m}m{s:02d}s"
 
 
 def peak_rss_mb() -> float:

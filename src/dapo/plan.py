@@ -152,7 +152,7 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
     gib = 2.0**30
     lines += [
         f"  model                             {total / 1e9:.3g}B parameters (shape from {source})",
-        f"  memory estimate ({'CUDA, bf16 compute' if cuda else 'CPU'}, GiB)",
+        f"  memory estimate ({'CUDA' if cuda else 'CPU'}, {cfg.model.dtype} model, GiB)",
         f"    parameters (fp32 shard)         {m.params / gib:10.2f}",
         f"    gradients (fp32 shard)          {m.grads / gib:10.2f}",
         f"    AdamW moments (fp32 shard)      {m.optimizer / gib:10.2f}",
@@ -163,4 +163,14 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
         f"    KV cache (largest round)        {m.kv_cache / gib:10.2f}",
         f"    total                           {m.total / gib:10.2f}",
     ]
+    largest = sorted(vars(m).items(), key=lambda kv: -kv[1])[:2]
+    hints = {
+        "activations": "no activation checkpointing: lower actor.micro_batch_size or the response budget",
+        "kv_cache": "rollout.max_batch_size bounds the rows decoded at once",
+        "engine_weights": "each rank generates from a full copy of the weights",
+        "logits": "lower actor.micro_batch_size",
+    }
+    for name, _ in largest:
+        if name in hints:
+            lines.append(f"  largest: {name.replace('_', ' ')} ({hints[name]})")
     return "\n".join(lines)

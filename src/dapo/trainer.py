@@ -8,7 +8,6 @@ counted separately (`filter/rounds`), so warm-up, progress and resume count upda
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -27,11 +26,12 @@ from dapo.checkpoint import (
     save_checkpoint,
     sharded_checkpoint,
 )
-from dapo.collect import Collector, CollectSettings, Group, Scorer, make_train_batch
+from dapo.collect import Collected, Collector, CollectSettings, Group, Scorer, make_train_batch
 from dapo.config import Config, ConfigError, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
 from dapo.logger import NullLogger, RunLogger, environment_info, peak_rss_mb
+from dapo.preempt import Stopped, StopSignal, fault_point, stop_message
 from dapo.rollout.base import RolloutEngine, SamplingParams
 from dapo.train import Actor
 
@@ -45,7 +45,9 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run `cfg`: in this process, or as one rank of a torchrun launch (see `dapo.distributed`)."""
+    """Run `cfg`: in this process, or as one rank of a torchrun launch (see `dapo.distributed`).
+
+    Raises `dapo.preempt.Stopped` after SIGTERM / SIGINT, once the checkpoint is written."""
     world = distributed.init_world(device=cfg.model.device, timeout_s=cfg.trainer.collective_timeout_s)
     try:
         check_world_size(cfg, world)
@@ -59,11 +61,11 @@ def train(cfg: Config) -> TrainResult:
 
 
 def run(cfg: Config, world: distributed.World) -> TrainResult:
-    torch.manual_seed(cfg.trainer.seed)
     run_dir = make_run_dir(cfg, world)
     model, tokenizer, model_dir = components.load_policy(
         cfg.model, device=world.device if world.distributed else None
     )
+    torch.manual_seed(cfg.trainer.seed)  # after the policy: however it was loaded (or built), the same state
     train_set = components.tokenize_prompts(
         components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=cfg.data.dedup),
         tokenizer,
@@ -86,11 +88,13 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
             start_step=start_step,
             tensorboard=cfg.logging.tensorboard,
             progress=cfg.logging.progress_bar,
+            every_steps=cfg.logging.every_steps,
         )
     ranks = f", {world.size} data-parallel ranks" if world.distributed else ""
     log.message(f"run directory: {run_dir}  (model {model_dir}, {len(train_set)} training prompts{ranks})")
 
     def run_eval(step: int) -> dict[str, float]:
+        fault_point("eval", step)
         t0 = time.perf_counter()
         metrics = evaluate(
             engine, eval_set.prompt_ids, eval_set.answers, eval_set.data_sources, score,
@@ -101,45 +105,88 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
         log.message(f"step {step}: " + format_eval(metrics))
         return metrics
 
-    if start_step == 0 and cfg.evaluation.before_training:
-        history["eval_before"] = run_eval(0)
+    def save(step: int, state: dict[str, Any]) -> None:
+        fault_point("checkpoint", step)
+        save_checkpoint_of(cfg, run_dir, step, actor, state, rollout_model, tokenizer, world)
 
-    for step in range(start_step + 1, cfg.trainer.total_steps + 1):
-        t_step = time.perf_counter()
-        collected = collector.collect(step)
-        _kill_point(step)
-        metrics = dict(collected.metrics)
-        metrics["time/collect_s"] = time.perf_counter() - t_step
-        if collected.skipped:
-            log.message(f"step {step}: too few informative groups ({len(collected.groups)}); update skipped")
-        else:
-            t0 = time.perf_counter()
-            metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
-            metrics["time/update_s"] = time.perf_counter() - t0
-            # in one process the engine shares the policy's parameters; ranks gather the new full weights
-            metrics.update(distributed.sync_weights(train_model, rollout_model))
-        metrics["time/step_s"] = time.perf_counter() - t_step
-        metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
-        metrics["perf/peak_rss_mb"] = peak_rss_mb()
-        if (
-            cfg.evaluation.every_steps
-            and step % cfg.evaluation.every_steps == 0
-            and step < cfg.trainer.total_steps
-        ):
-            run_eval(step)
-        log.log(step, metrics)
-        if (
-            cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
-        ) or step == cfg.trainer.total_steps:
-            save(cfg, run_dir, step, actor, collector, history, rollout_model, tokenizer, world)
+    def generate(step: int) -> Collected:
+        fault_point("generate", step)
+        return collector.collect(step)
+
+    # SIGTERM / SIGINT: the step in flight is finished (or, in one process, abandoned while generating),
+    # saved, then we stop. With several ranks every rank takes the decision together (`stop_requested`).
+    stop, saved, abandoned = StopSignal(abandon=not world.distributed), start_step, None
+    interrupted = False
+
+    def stop_requested() -> bool:
+        return world.sum([float(stop.requested())])[0] > 0
+
+    with stop.installed():
+        if start_step == 0 and cfg.evaluation.before_training:
+            history["eval_before"] = run_eval(0)
+
+        for step in range(start_step + 1, cfg.trainer.total_steps + 1):
+            before = {"collector": collector.state_dict(), "history": dict(history)}  # if abandoned
+            t_step = time.perf_counter()
+            if world.distributed:  # abandoning mid-collective would leave the other ranks waiting
+                collected: Collected | None = generate(step)
+            else:
+                collected = stop.abandonable(lambda: generate(step))  # noqa: B023 (called at once)
+            if collected is None:  # stopped while generating: nothing of this step is kept
+                if saved < step - 1:
+                    save(step - 1, before)
+                    saved = step - 1
+                abandoned, interrupted = step, True
+                break
+            fault_point("update", step)
+            metrics = dict(collected.metrics)
+            metrics["time/collect_s"] = time.perf_counter() - t_step
+            if collected.skipped:
+                log.message(
+                    f"step {step}: too few informative groups ({len(collected.groups)}); update skipped"
+                )
+            else:
+                t0 = time.perf_counter()
+                metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
+                metrics["time/update_s"] = time.perf_counter() - t0
+                # in one process the engine shares the policy's parameters; ranks gather the new full weights
+                metrics.update(distributed.sync_weights(train_model, rollout_model))
+            metrics["time/step_s"] = time.perf_counter() - t_step
+            metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
+            metrics["perf/peak_rss_mb"] = peak_rss_mb()
+            if (
+                cfg.evaluation.every_steps
+                and step % cfg.evaluation.every_steps == 0
+                and step < cfg.trainer.total_steps
+            ):
+                run_eval(step)
+            log.log(step, metrics)
+            stopping = stop_requested()
+            if (
+                (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+                or step == cfg.trainer.total_steps
+                or stopping
+            ):
+                save(step, {"collector": collector.state_dict(), "history": history})
+                saved = step
+            if stopping:
+                interrupted = True
+                break
+    if interrupted:
+        log.close()
+        pool.close()
+        message = stop_message(run_dir, saved, abandoned)
+        if stop.requested():
+            raise stop.stopped(message)
+        raise Stopped(signal.SIGTERM, f"dapo: stopped with the other ranks: {message}")
 
     history["eval_after"] = run_eval(cfg.trainer.total_steps)
     log.close()
     pool.close()
     before, after = history.get("eval_before", {}), history["eval_after"]
-    if before and world.is_main:
-        print(format_before_after(before, after, cfg.evaluation.k))
     if world.is_main:
+        if before:
+            print(format_before_after(before, after, cfg.evaluation.k))
         print(f"peak memory (RSS): {peak_rss_mb():.0f} MiB; run directory: {run_dir}")
         print(f"figures and health notes: dapo report {run_dir}")
     return TrainResult(run_dir, cfg.trainer.total_steps, before, after)
@@ -265,20 +312,18 @@ def collect_settings(cfg: Config) -> CollectSettings:
     )
 
 
-def save(
+def save_checkpoint_of(
     cfg: Config,
     run_dir: Path,
     step: int,
     actor: Actor,
-    collector: Collector,
-    history: dict[str, Any],
+    state: dict[str, Any],
     full_model: torch.nn.Module,
     tokenizer: Any,
     world: distributed.World,
 ) -> None:
     """Step `step`'s checkpoint: full weights (`model/`), and with several ranks the sharded model and
     optimizer (DCP, `sharded/`) in place of `optimizer.pt`'s optimizer state."""
-    state = {"collector": collector.state_dict(), "history": history}
     sharded: dict[str, Any] | None
     optimizer_state: dict[str, Any]
     if world.distributed:
@@ -344,14 +389,6 @@ def resume(
     if world.is_main:
         print(f"resumed from {ckpt.path} (step {ckpt.state['step']})")
     return int(ckpt.state["step"]), dict(ckpt.state.get("history", {}))
-
-
-def _kill_point(step: int) -> None:
-    """Fault injection for the resume tests: DAPO_KILL_AT_STEP=N kills the process in the middle of step N
-    (with DAPO_KILL_RANK=R, only data-parallel rank R)."""
-    rank = os.environ.get("DAPO_KILL_RANK")
-    if os.environ.get("DAPO_KILL_AT_STEP") == str(step) and rank in (None, os.environ.get("RANK", "0")):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def format_before_after(before: dict[str, float], after: dict[str, float], k: int) -> str:

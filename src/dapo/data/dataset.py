@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dapo.data.templates import apply_dapo_template, is_templated
+from dapo.errors import UserError
 
 ALLOWED_EXTENSIONS = (".parquet", ".jsonl", ".json")
 """File extensions `load_examples` reads."""
@@ -46,7 +47,7 @@ MAX_SKIPPED_RECORDED = 1000
 """`LoadedDataset.skipped` keeps at most this many entries (`num_skipped` always counts all)."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or row is unusable; the message names the file, the row (0-based) and the key or reason."""
 
 
@@ -232,8 +233,9 @@ def _resolve_parquet_key(source: str, schema: Any, key: str) -> tuple[str, list[
     return parts[0], parts[1:]
 
 
-def _read_parquet(path: Path, keys: dict[str, bool], max_rows: int | None) -> _RawRows:
-    """Read the needed columns of a parquet file; `keys` maps each key to whether it is required."""
+def _open_parquet(path: Path, keys: dict[str, bool]) -> tuple[Any, dict[str, tuple[str, list[str]]]]:
+    """A parquet file's footer and the column (and struct path) of each key found; reads no data pages.
+    `keys` maps each key to whether it is required."""
     source = str(path)
     try:
         file = pq.ParquetFile(path)
@@ -248,6 +250,13 @@ def _read_parquet(path: Path, keys: dict[str, bool], max_rows: int | None) -> _R
             resolved[key] = found
         elif required:
             raise _missing_key_error(source, key, key.split(".")[0], schema.names, "columns")
+    return file, resolved
+
+
+def _read_parquet(path: Path, keys: dict[str, bool], max_rows: int | None) -> _RawRows:
+    """Read the needed columns of a parquet file; `keys` maps each key to whether it is required."""
+    source = str(path)
+    file, resolved = _open_parquet(path, keys)
     columns = sorted({column for column, _ in resolved.values()})
     try:
         table = file.read(columns=columns)
@@ -452,18 +461,36 @@ class _FileResult:
     skipped: list[tuple[int, str]]
 
 
-def _read_file(path: Path, settings: ReaderSettings) -> _FileResult:
-    """Read and validate one file; skip (warning once) or raise on bad rows, per `settings.strict`."""
+def _check_path(path: Path) -> None:
+    """The file-level checks every format shares: a known extension and a regular file."""
     source = str(path)
-    suffix = path.suffix.lower()
-    if suffix not in ALLOWED_EXTENSIONS:
+    if path.suffix.lower() not in ALLOWED_EXTENSIONS:
         allowed = ", ".join(ALLOWED_EXTENSIONS)
         raise DataError(f"{source}: unknown file extension {path.suffix!r}; allowed: {allowed}")
     if not path.is_file():
         # Checked before reading so every format gives the same message.
         raise DataError(f"{source}: no such file" if not path.exists() else f"{source}: not a regular file")
-    keys = {settings.prompt_key: True, settings.answer_key: True, settings.data_source_key: False}
-    reader = _read_parquet if suffix == ".parquet" else _read_json
+
+
+def _reader_keys(settings: ReaderSettings) -> dict[str, bool]:
+    return {settings.prompt_key: True, settings.answer_key: True, settings.data_source_key: False}
+
+
+def check_file(path: str | Path, settings: ReaderSettings = DEFAULT_SETTINGS) -> None:
+    """Raise `DataError` for what can be found wrong with a data file without reading its rows: unknown
+    extension, missing path, a directory, and for parquet an unreadable footer or a missing column."""
+    path = Path(path)
+    _check_path(path)
+    if path.suffix.lower() == ".parquet":
+        _open_parquet(path, _reader_keys(settings))
+
+
+def _read_file(path: Path, settings: ReaderSettings) -> _FileResult:
+    """Read and validate one file; skip (warning once) or raise on bad rows, per `settings.strict`."""
+    source = str(path)
+    _check_path(path)
+    keys = _reader_keys(settings)
+    reader = _read_parquet if path.suffix.lower() == ".parquet" else _read_json
     raw = reader(path, keys, settings.max_rows)
     prompts = raw.values[settings.prompt_key]
     answers = raw.values[settings.answer_key]

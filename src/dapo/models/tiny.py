@@ -24,6 +24,7 @@ the prompt of a tiny model), and the vocabulary only covers task text well (othe
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -31,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -51,6 +53,7 @@ from dapo.models.transformer import CausalLM
 __all__ = [
     "BUILD_VERSION",
     "CHAT_TEMPLATE",
+    "DEFAULT_RECIPE",
     "EOS_TOKEN",
     "PAD_TOKEN",
     "TinyBuildReport",
@@ -425,7 +428,9 @@ def _sft(model: CausalLM, tokenizer: Any, recipe: TinyRecipe, progress: bool) ->
     model.train()
     losses: list[float] = []
     val_accuracy = _reference_probability(model, val_batch)
-    bar = tqdm(range(recipe.sft_steps), desc="dapo tiny model: SFT", disable=not progress, file=sys.stderr)
+    # a bar only on a terminal: in a log file it would be one long line of carriage returns
+    shown = progress and sys.stderr.isatty()
+    bar = tqdm(range(recipe.sft_steps), desc="dapo tiny model: SFT", disable=not shown, file=sys.stderr)
     for step in bar:
         batch = _sft_batch(tokenizer, [next(stream) for _ in range(recipe.batch_size)], eos_id, pad_id)
         for group in optimizer.param_groups:
@@ -514,14 +519,25 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _REQUIRED_FILES)
 
 
+DEFAULT_RECIPE = TinyRecipe()
+"""What ``model.path=tiny`` builds."""
+
+
 def ensure_tiny_model(
-    recipe: TinyRecipe | None = None, *, cache_dir: Path | None = None, progress: bool = True
+    recipe: TinyRecipe | None = None,
+    *,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    isolated: bool = False,
 ) -> Path:
-    """The checkpoint directory of ``recipe`` (default :class:`TinyRecipe`), building it first if missing.
+    """The checkpoint directory of ``recipe`` (default :data:`DEFAULT_RECIPE`), building it first if missing.
 
     The cache root is ``cache_dir`` or :func:`default_cache_dir`; the model lives in ``<root>/tiny/<key>``.
+    ``isolated`` builds in a fresh interpreter, so that this process ends up in the same state whether the
+    model was built now or found in the cache (a run's results must not depend on that): building here
+    leaves the allocator, oneDNN's primitive caches and the thread pools as the warm-up left them.
     """
-    recipe = recipe or TinyRecipe()
+    recipe = recipe or DEFAULT_RECIPE
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = recipe_key(recipe)
     final = root / "tiny" / key
@@ -545,7 +561,8 @@ def ensure_tiny_model(
         # mkdtemp makes the directory private (0700); the finished cache entry is an ordinary readable one.
         tmp.chmod(0o755)
         try:
-            report = build_tiny_model(recipe, tmp, progress=progress)
+            build = _build_in_a_fresh_process if isolated else build_tiny_model
+            report = build(recipe, tmp, progress=progress)
             tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -557,6 +574,13 @@ def ensure_tiny_model(
                 file=sys.stderr,
             )
     return final
+
+
+def _build_in_a_fresh_process(recipe: TinyRecipe, out_dir: Path, *, progress: bool) -> TinyBuildReport:
+    """:func:`build_tiny_model` in a new ("spawn") interpreter; its output goes to this one's terminal."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(build_tiny_model, recipe, out_dir, progress=progress).result()
 
 
 # ----------------------------------------------------------------------------------------------------------

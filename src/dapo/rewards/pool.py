@@ -283,8 +283,9 @@ def _shutdown(workers: list[_Worker]) -> None:
 
 def _worker_main(conn: Connection, spec: str) -> None:
     """Worker loop: load the reward function, say ready, then score items until told to stop."""
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    # Ctrl-C (and a cluster's SIGTERM) reach the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         fn = load_reward_fn(spec)
     except Exception as exc:

@@ -1,0 +1,48 @@
+"""The run logger: plain progress lines when the output is not a terminal; metrics.jsonl on resume."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from dapo.logger import RunLogger
+
+
+def test_plain_lines_every_few_steps_when_not_a_terminal(tmp_path: Path) -> None:
+    out = io.StringIO()
+    log = RunLogger(tmp_path, total_steps=25, start_step=0, tensorboard=False, progress=True,
+                    every_steps=10, interactive=False, stream=out)  # fmt: skip
+    for step in range(1, 26):
+        log.log(step, {"reward/acc": step / 100, "actor/entropy": 0.5})
+        if step == 12:
+            log.message("step 12: eval/arithmetic/avg@8=0.500")
+    log.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    progress = [ln.split()[1] for ln in lines if ln.startswith("step ") and "/25" in ln]
+    assert progress == ["10/25", "20/25", "25/25"]
+    assert lines[0].startswith("step 10/25  acc=0.1  ent=0.5  ") and lines[0].endswith(" left"), lines[0]
+    assert lines[1] == "step 12: eval/arithmetic/avg@8=0.500"
+    assert len(lines) == 4
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 26)
+    )
+
+
+def test_no_progress_lines_when_progress_is_off(tmp_path: Path) -> None:
+    out = io.StringIO()
+    log = RunLogger(tmp_path, total_steps=5, start_step=0, tensorboard=False, progress=False,
+                    every_steps=1, interactive=False, stream=out)  # fmt: skip
+    for step in range(1, 6):
+        log.log(step, {"reward/acc": 0.5})
+    log.close()
+    assert out.getvalue() == ""
+
+
+def test_resume_truncates_lines_after_the_checkpoint_and_a_fresh_start_drops_them_all(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (0, 1, 2, 3)))
+    RunLogger(tmp_path, total_steps=5, start_step=2, tensorboard=False, progress=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text().count("step") == 3
+    RunLogger(tmp_path, total_steps=5, start_step=0, tensorboard=False, progress=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
