@@ -24,7 +24,7 @@ from dapo.config import Config, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
 from dapo.logger import RunLogger, environment_info, peak_rss_mb
-from dapo.rollout.base import RolloutEngine, SamplingParams
+from dapo.rollout.base import RolloutEngine, SamplingParams, WeightSyncedEngine
 from dapo.train import Actor
 
 
@@ -51,6 +51,8 @@ def train(cfg: Config) -> TrainResult:
     actor = make_actor(cfg, model)
     collector = make_collector(cfg, engine, train_set, tokenizer, scorer.score)
     start_step, history = resume(cfg, run_dir, model, actor, collector)
+    if start_step:
+        sync_engine_weights(engine, model)
     log = RunLogger(
         run_dir,
         total_steps=cfg.trainer.total_steps,
@@ -86,7 +88,7 @@ def train(cfg: Config) -> TrainResult:
             t0 = time.perf_counter()
             metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
             metrics["time/update_s"] = time.perf_counter() - t0
-            # the native engine shares the policy's parameters: the update is already visible to it
+            metrics.update(sync_engine_weights(engine, model))  # no-op for the native engine (shared)
         metrics["time/step_s"] = time.perf_counter() - t_step
         metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
         metrics["perf/peak_rss_mb"] = peak_rss_mb()
@@ -201,6 +203,14 @@ def update_policy(cfg: Config, actor: Actor, groups: list[Group], tokenizer: Any
         algo.mismatch_kl(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
     )
     return metrics
+
+
+def sync_engine_weights(engine: RolloutEngine, model: torch.nn.Module) -> dict[str, float]:
+    """Copy the policy's weights into an engine that keeps its own copy (vLLM); `rollout/weights_version`."""
+    if not isinstance(engine, WeightSyncedEngine):
+        return {}  # the native and HF engines hold the policy module itself
+    engine.load_weights(model.state_dict())
+    return {"rollout/weights_version": float(engine.weights_version)}
 
 
 def collect_settings(cfg: Config) -> CollectSettings:
