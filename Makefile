@@ -42,4 +42,4 @@ $(VLLM_VENV)/.installed: pyproject.toml scripts/setup-vllm.sh scripts/constraint
 	touch $@
 
 test-vllm: setup-vllm
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_config.py

@@ -183,6 +183,19 @@ def test_after_a_weight_update_the_engine_samples_from_the_new_weights(policy, e
     assert engine.weights_version == version + 2
 
 
+def test_dapo_eval_takes_the_vllm_engine() -> None:
+    """`dapo eval rollout.engine=vllm` (its own process): greedy, so its scores equal the native engine's."""
+    args = ["eval", "--model", "tiny", "--data", "arithmetic", "--k", "1", "evaluation.max_prompts=24",
+            "evaluation.temperature=0", "rollout.max_response_length=48", "model.dtype=float32"]  # fmt: skip
+    results = {}
+    for engine in ("native", "vllm"):
+        run = subprocess.run([sys.executable, "-m", "dapo.cli", *args, f"rollout.engine={engine}"],
+                             capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[engine] = [line for line in run.stdout.splitlines() if "arithmetic/" in line]
+    assert results["vllm"] == results["native"] and any("avg@1" in r for r in results["vllm"])
+
+
 @pytest.mark.slow
 def test_dapo_train_with_vllm_learns_and_stays_on_policy(tmp_path: Path) -> None:
     """`dapo train rollout.engine=vllm`, the tiny preset shortened to 50 steps: held-out avg@8 rises by at
