@@ -41,7 +41,7 @@ the same setting (reported for transparency: it speeds TRL up too).
 
 ``--engine vllm`` runs dapo's side with ``rollout.engine=vllm`` (needs vLLM: `make setup-vllm`, then
 ``.venv-vllm/bin/python bench/rl_step.py --engine vllm --no-trl``; that venv has no TRL, and ``--no-trl``
-times dapo's side alone). The step then includes the weight sync after the update.
+times dapo's side alone). The step's update then includes the weight sync into the engine.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from dapo.config import Config, load_config
 from dapo.data import PromptSampler
 from dapo.models.tiny import ensure_tiny_model
 from dapo.rewards import RewardPool
-from dapo.trainer import make_actor, make_collector, update_policy
+from dapo.trainer import make_actor, make_collector, sync_engine_weights, update_policy
 
 SIZES: dict[str, dict[str, int] | None] = {
     "tiny": None,  # the embedded default model (dapo.models.tiny)
@@ -151,6 +151,7 @@ def dapo_step_times(cfg: Config, steps: int, warmup: int) -> list[dict[str, floa
         if len(collected.groups) != PROMPTS:
             raise RuntimeError(f"dapo collected {len(collected.groups)} groups, expected {PROMPTS}")
         update_policy(cfg, actor, collected.groups, tokenizer)
+        sync_engine_weights(engine, model)  # vLLM keeps its own copy of the weights; no-op for native
         t2 = time.perf_counter()
         m = collected.metrics
         rows.append(
