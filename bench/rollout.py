@@ -1,27 +1,34 @@
-"""Rollout throughput: dapo's NativeEngine against transformers' ``generate`` on the same random Qwen2.
+"""Rollout throughput of dapo's NativeEngine, vLLM (`VLLMEngine`) and transformers' ``generate``, same model.
 
-    python bench/rollout.py [--size 3m|25m|all] [--dtype float32|bfloat16|all] [--repeats 5] [--stop]
-                            [--floor]
+    python bench/rollout.py [--engines native,vllm,hf] [--shape batch|group|all] [--size 3m|25m|all]
+                            [--dtype float32|bfloat16|all] [--repeats 5] [--stop] [--floor]
 
-Workload (the embedded default run's shape): 64 prompts of random lengths 32-64, temperature 1.0, 128 new
-tokens and no stop token, so every sequence generates 128 tokens. ``--stop`` adds a variant with 16 stop ids
-(each row stops with probability ~1.5% per step), where finished rows leave the native engine's batch. Each
-engine is warmed up once, then runs alternate (native, transformers, native, ...); the MEDIAN tokens/s of
-each is reported, and the ratio is the median of the per-repeat ratios (robust to a drifting machine load).
-Nothing is downloaded: the model is built locally from a config with random weights.
+Workloads (``--shape``): ``batch`` is 64 distinct prompts of random lengths 32-64 (n = 1: no shared prefix);
+``group`` is the RL step's shape, 8 of those prompts x n = 8 samples each (each group shares its prompt:
+the native engine's cascade attention and vLLM's prefix cache store it once; transformers repeats it). Both
+sample at temperature 1.0, 128 new tokens and no stop token, so every sequence generates 128 tokens.
+``--stop`` adds a variant with 16 stop ids (each row stops with probability ~1.5% per step), where finished
+rows leave the batch. Each engine is warmed up once, then runs alternate (native, vllm, transformers,
+native, ...); the MEDIAN tokens/s of each is reported, and each ratio is the median of the per-repeat
+ratios against the first engine listed (robust to a drifting machine load). Nothing is downloaded: the
+model is built locally from a config with random weights. ``vllm`` needs vLLM (`make setup-vllm`, then
+``.venv-vllm/bin/python bench/rollout.py --engines native,vllm,hf``); it runs in this process on torch's
+threads, with its own copy of the weights (see `dapo.rollout.vllm`).
 
 ``--floor`` also times the native engine with its decode attention skipped (each layer's attention output is
-its query: wrong tokens, the same work everywhere else), alternating with the other two. That step is a lower
+its query: wrong tokens, the same work everywhere else), alternating with the others. That step is a lower
 bound for any attention kernel, and is printed next to the step time the size's target (TARGETS) allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +36,7 @@ import transformers
 
 import dapo.models.transformer as model_code
 from dapo.models import CausalLM, load_pretrained
-from dapo.rollout import NativeEngine, SamplingParams
+from dapo.rollout import NativeEngine, RolloutEngine, SamplingParams
 
 SIZES: dict[str, dict[str, int]] = {
     # 3.00M parameters (tied embeddings)
@@ -40,6 +47,8 @@ SIZES: dict[str, dict[str, int]] = {
             "num_attention_heads": 8, "num_key_value_heads": 4},
 }  # fmt: skip
 BATCH, MIN_LEN, MAX_LEN, NEW_TOKENS, PAD = 64, 32, 64, 128, 0
+GROUP = 8  # samples per prompt in the RL-step shape
+ENGINES = ("native", "vllm", "hf")
 TARGETS = {"3m": 4.0, "25m": 1.5}  # native / transformers tokens/s (the models/rollout issue)
 
 
@@ -63,8 +72,10 @@ def make_prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def run_native(engine: NativeEngine, prompts: list[list[int]], stops: tuple[int, ...], seed: int) -> int:
-    sp = SamplingParams(temperature=1.0, max_tokens=NEW_TOKENS, stop_token_ids=stops, seed=seed)
+def run_engine(
+    engine: RolloutEngine, prompts: list[list[int]], n: int, stops: tuple[int, ...], seed: int
+) -> int:
+    sp = SamplingParams(n=n, temperature=1.0, max_tokens=NEW_TOKENS, stop_token_ids=stops, seed=seed)
     return sum(len(c.token_ids) for c in engine.generate(prompts, sp))
 
 
@@ -90,7 +101,7 @@ def run_hf(
 
 
 def run_without_attention(engine: NativeEngine, prompts: list[list[int]], seed: int) -> int:
-    """`run_native` with each decode step's attention replaced by its query (same shape, no work)."""
+    """`run_engine` (n = 1, no stops) with each decode attention replaced by its query (no work)."""
     real, calls = model_code._decode_attention, [0]
 
     def skip(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -99,7 +110,7 @@ def run_without_attention(engine: NativeEngine, prompts: list[list[int]], seed: 
 
     model_code._decode_attention = skip
     try:
-        tokens = run_native(engine, prompts, (), seed)
+        tokens = run_engine(engine, prompts, 1, (), seed)
     finally:
         model_code._decode_attention = real
     if calls[0] == 0:  # the decode path no longer goes through it: the "floor" would be the full step
@@ -113,40 +124,64 @@ def timed(fn: Callable[[int], int], seed: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    n: int
+    stops: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        shape = f"{len(self.prompts)}x{self.n}" if self.n > 1 else str(len(self.prompts))
+        return shape + (f", {len(self.stops)} stops" if self.stops else "")
+
+
 def bench(
-    size: str, dtype: torch.dtype, repeats: int, stops: tuple[int, ...], root: Path, floor: bool
-) -> None:
+    size: str, dtype: torch.dtype, workloads: list[Workload], engines: list[str], args: argparse.Namespace,
+    root: Path,
+) -> None:  # fmt: skip
+    """Time each engine on each workload, on one model (each engine built once)."""
     native, hf, n_params = build(size, dtype, root)
-    prompts = make_prompts(native.args.vocab_size)
-    engine = NativeEngine(native, pad_token_id=PAD)
-    runs = {
-        "native": lambda s: run_native(engine, prompts, stops, s),
-        "transformers": lambda s: run_hf(hf, prompts, stops, s),
-    }
-    if floor and not stops:
-        runs["no attention"] = lambda s: run_without_attention(engine, prompts, s)
-    speeds: dict[str, list[float]] = {k: [] for k in runs}
-    for fn in runs.values():
-        timed(fn, 0)  # warm-up
-    for r in range(repeats):
-        for name, fn in runs.items():
-            speeds[name].append(timed(fn, r + 1))
-    med = {k: statistics.median(v) for k, v in speeds.items()}
-    ratio = statistics.median(a / b for a, b in zip(speeds["native"], speeds["transformers"], strict=True))
+    built: dict[str, RolloutEngine] = {}
+    for name in engines:
+        if name == "native":
+            built[name] = NativeEngine(native, pad_token_id=PAD)
+        elif name == "vllm":
+            from dapo.rollout.vllm import VLLMEngine
+
+            built[name] = VLLMEngine(native, kv_cache_gib=1.0, max_model_len=MAX_LEN + NEW_TOKENS)
     label = f"{size} ({n_params / 1e6:.2f}M) {str(dtype).removeprefix('torch.')}"
-    variant = f"{len(stops)} stop ids" if stops else "no stop"
-    runs_text = ", ".join(f"{k} {[round(x) for x in v]}" for k, v in speeds.items())
-    print(
-        f"{label:<24} {variant:<12} native {med['native']:7.0f} tok/s  "
-        f"transformers {med['transformers']:7.0f} tok/s  ratio {ratio:4.2f}x  ({runs_text})"
-    )
-    if "no attention" in med:
-        step = {k: 1000 * BATCH / v for k, v in med.items()}  # ms per decode step of the whole batch
-        print(
-            f"{'':<37} ms per step: native {step['native']:.2f}, native without attention "
-            f"{step['no attention']:.2f}, transformers {step['transformers']:.2f}; the {TARGETS[size]:g}x "
-            f"target allows {step['transformers'] / TARGETS[size]:.2f}"
-        )
+    for w in workloads:
+        runs: dict[str, Callable[[int], int]] = {}
+        for name in engines:
+            if name == "hf":  # transformers expands each prompt n times (as num_return_sequences does)
+                repeated = [p for p in w.prompts for _ in range(w.n)]
+                runs["transformers"] = functools.partial(run_hf, hf, repeated, w.stops)
+            else:
+                runs[name] = functools.partial(run_engine, built[name], w.prompts, w.n, w.stops)
+        if args.floor and not w.stops and w.n == 1 and "native" in built:
+            runs["no attention"] = functools.partial(run_without_attention, built["native"], w.prompts)
+        speeds: dict[str, list[float]] = {k: [] for k in runs}
+        for fn in runs.values():
+            timed(fn, 0)  # warm-up
+        for r in range(args.repeats):
+            for name, fn in runs.items():
+                speeds[name].append(timed(fn, r + 1))
+        med = {k: statistics.median(v) for k, v in speeds.items()}
+        first = next(iter(runs))
+        figures = [f"{first} {med[first]:7.0f} tok/s"]
+        for name in list(runs)[1:]:
+            ratio = statistics.median(a / b for a, b in zip(speeds[first], speeds[name], strict=True))
+            figures.append(f"{name} {med[name]:7.0f} tok/s ({first} {ratio:4.2f}x)")
+        runs_text = ", ".join(f"{k} {[round(x) for x in v]}" for k, v in speeds.items())
+        print(f"{label:<24} {w.label:<14} {'  '.join(figures)}  ({runs_text})")
+        if "no attention" in med and "transformers" in med:
+            step = {k: 1000 * BATCH / v for k, v in med.items()}  # ms per decode step of the whole batch
+            print(
+                f"{'':<39} ms per step: native {step['native']:.2f}, native without attention "
+                f"{step['no attention']:.2f}, transformers {step['transformers']:.2f}; the "
+                f"{TARGETS[size]:g}x target allows {step['transformers'] / TARGETS[size]:.2f}"
+            )
 
 
 def main() -> None:
@@ -159,25 +194,43 @@ def main() -> None:
     parser.add_argument("--stop", action="store_true", help="also run a variant with 16 stop token ids")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
     parser.add_argument("--floor", action="store_true", help="also time native decoding without attention")
+    parser.add_argument("--engines", default="native,hf", help=f"comma-separated, from {','.join(ENGINES)}")
+    parser.add_argument("--shape", choices=["batch", "group", "all"], default="batch")
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    if not engines or any(e not in ENGINES for e in engines) or len(set(engines)) != len(engines):
+        parser.error(f"--engines {args.engines!r}: a comma-separated list of distinct names from {ENGINES}")
+    if "vllm" in engines:
+        from dapo.rollout.vllm import INSTALL_HINT, vllm_available
+
+        if not vllm_available():
+            parser.error(INSTALL_HINT)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads")
     print(
-        f"{BATCH} prompts of {MIN_LEN}-{MAX_LEN} tokens, {NEW_TOKENS} new tokens, T=1, "
-        f"median of {args.repeats}"
+        f"prompts of {MIN_LEN}-{MAX_LEN} tokens ({BATCH} distinct, or {BATCH // GROUP} x n={GROUP}), "
+        f"{NEW_TOKENS} new tokens, T=1, median of {args.repeats}"
     )
+    shapes = ["batch", "group"] if args.shape == "all" else [args.shape]
+    variants: list[tuple[int, ...]] = [(), tuple(range(100, 116))] if args.stop else [()]
     sizes = list(SIZES) if args.size == "all" else [args.size]
     dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
+            prompts = make_prompts(SIZES[size]["vocab_size"])
+            workloads = [
+                Workload(
+                    prompts if shape == "batch" else prompts[: BATCH // GROUP],
+                    1 if shape == "batch" else GROUP,
+                    stops,
+                )
+                for shape in shapes
+                for stops in variants
+            ]
             for dt in dtypes:
-                variants: list[tuple[int, ...]] = [()]
-                if args.stop:
-                    variants.append(tuple(range(100, 116)))
-                for stops in variants:
-                    bench(size, getattr(torch, dt), args.repeats, stops, Path(tmp), args.floor)
+                bench(size, getattr(torch, dt), workloads, engines, args, Path(tmp))
 
 
 if __name__ == "__main__":

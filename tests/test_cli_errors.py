@@ -109,7 +109,7 @@ def test_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "cannot import module 'no_such_module_xyz'" in line
     if importlib.util.find_spec("vllm") is None:
         line = train_error(tmp_path, capsys, "rollout.engine=vllm")
-        assert "rollout.engine: 'vllm' needs the gpu extra" in line
+        assert "rollout.engine: 'vllm' needs vLLM" in line
 
 
 def test_model_checkpoint_and_output_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

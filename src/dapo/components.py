@@ -119,10 +119,19 @@ def make_engine(cfg: RolloutConfig, model: nn.Module, tokenizer: Any) -> Rollout
         from dapo.rollout.hf import HFEngine
 
         return HFEngine(model, pad_token_id=pad_token_id(tokenizer))
-    raise ValueError(
-        f"rollout.engine {cfg.engine!r} needs the GPU extra (pip install 'dapo[gpu]') and a CUDA machine; "
-        "on this machine use 'native' or 'hf'"
-    )
+    if cfg.engine == "vllm":
+        from dapo.rollout.vllm import VLLMEngine
+
+        v = cfg.vllm
+        return VLLMEngine(
+            model,
+            kv_cache_gib=v.kv_cache_gib,
+            enforce_eager=v.enforce_eager,
+            tensor_parallel_size=v.tensor_parallel_size,
+            max_model_len=v.max_model_len,
+            sleep_mode=v.sleep_mode,
+        )
+    raise ValueError(f"rollout.engine {cfg.engine!r}: allowed 'native', 'hf', 'vllm'")
 
 
 @dataclass

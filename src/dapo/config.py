@@ -83,10 +83,38 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM engine (`rollout.engine=vllm`): `make setup-vllm` on CPU, the `vllm` extra on CUDA."""
+
+    kv_cache_gib: float = 1.0
+    """KV-cache budget in GiB (host memory on CPU, device memory on CUDA)."""
+    enforce_eager: bool = True
+    """Run the model eagerly; false lets vLLM compile it and capture CUDA graphs (faster decoding after a
+    slower start)."""
+    tensor_parallel_size: int = 1
+    """GPUs each engine shards the model over (1 on CPU)."""
+    max_model_len: int = 0
+    """Longest prompt + response the engine accepts (0 = the model's max_position_embeddings)."""
+    sleep_mode: bool = False
+    """CUDA only: sleep after each generation (KV cache freed, weights offloaded) so that a colocated policy
+    update has the memory; untested (no CUDA machine with vLLM was available)."""
+
+    def validate(self) -> None:
+        _check(self.kv_cache_gib > 0, "rollout.vllm.kv_cache_gib", self.kv_cache_gib, "a number > 0 (GiB)")
+        _check(
+            self.tensor_parallel_size >= 1,
+            "rollout.vllm.tensor_parallel_size",
+            self.tensor_parallel_size,
+            "an integer >= 1",
+        )
+        _check(self.max_model_len >= 0, "rollout.vllm.max_model_len", self.max_model_len, "0 (auto) or >= 1")
+
+
+@dataclass
 class RolloutConfig:
     engine: Literal["native", "hf", "vllm"] = "native"
     """Generation engine: "native" (dapo's batched KV-cache sampler, CPU/CUDA), "hf" (transformers generate),
-    "vllm" (GPU; optional extra)."""
+    "vllm" (vLLM: `make setup-vllm` on CPU, the `vllm` extra on CUDA; settings in rollout.vllm)."""
     n: int = 16
     """G: responses sampled per prompt (a group)."""
     temperature: float = 1.0
@@ -99,6 +127,8 @@ class RolloutConfig:
     """L_max: generated tokens per response (paper: 16,384 expected + 4,096 overlong buffer)."""
     max_batch_size: int = 0
     """Most sequences decoded at once (0 = all prompts of a round at once)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine's settings (used when engine=vllm)."""
 
     def validate(self) -> None:
         _check(self.n >= 1, "rollout.n", self.n, "an integer >= 1")
@@ -109,6 +139,7 @@ class RolloutConfig:
         )
         _check(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length, ">= 1")
         _check(self.max_batch_size >= 0, "rollout.max_batch_size", self.max_batch_size, ">= 0")
+        self.vllm.validate()
 
 
 @dataclass
@@ -358,6 +389,14 @@ class Config:
                 "rollout.engine",
                 self.rollout.engine,
                 "'hf' only with model.implementation=hf (transformers' generate runs transformers' model)",
+            )
+        longest = self.data.max_prompt_length + resp
+        if self.rollout.engine == "vllm" and self.rollout.vllm.max_model_len:
+            _check(
+                self.rollout.vllm.max_model_len >= longest,
+                "rollout.vllm.max_model_len",
+                self.rollout.vllm.max_model_len,
+                f"0 or >= data.max_prompt_length + rollout.max_response_length ({longest})",
             )
         responses = self.trainer.prompts_per_step * self.rollout.n
         _check(

@@ -78,8 +78,8 @@ def check_engine(engine: str) -> None:
     """An engine from an optional extra needs that extra installed."""
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError(
-            "rollout.engine: 'vllm' needs the gpu extra (pip install -e '.[gpu]'), which is not installed; "
-            "allowed here: 'native', 'hf'"
+            "rollout.engine: 'vllm' needs vLLM, which is not installed here (CPU: make setup-vllm, then "
+            ".venv-vllm/bin/dapo; CUDA: pip install -e '.[vllm]'); allowed here: 'native', 'hf'"
         )
 
 

@@ -32,7 +32,7 @@ from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
 from dapo.logger import NullLogger, RunLogger, environment_info, peak_rss_mb
 from dapo.preempt import Stopped, StopSignal, fault_point, stop_message
-from dapo.rollout.base import RolloutEngine, SamplingParams
+from dapo.rollout.base import RolloutEngine, SamplingParams, WeightSyncedEngine
 from dapo.train import Actor
 
 
@@ -74,12 +74,15 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
     eval_set = load_eval_set(cfg, tokenizer)
     # one module in one process; FSDP2 shards to train and a full copy to generate with on each rank
     train_model, rollout_model = distributed.parallelize(model, world)
-    engine = distributed.ShardedEngine(components.make_engine(cfg.rollout, rollout_model, tokenizer), world)
+    local_engine = components.make_engine(cfg.rollout, rollout_model, tokenizer)
+    engine = distributed.ShardedEngine(local_engine, world)
     pool = components.make_reward_pool(cfg.reward)
     score = distributed.ShardedScorer(pool.score, world)
     actor = make_actor(cfg, train_model, world)
     collector = make_collector(cfg, engine, train_set, tokenizer, score)
     start_step, history = resume(cfg, run_dir, actor, collector, world, rollout_model)
+    if start_step:  # an engine with its own copy of the weights (vLLM) was built before they were loaded
+        sync_engine_weights(local_engine, rollout_model)
     log: RunLogger | NullLogger = NullLogger()
     if world.is_main:
         log = RunLogger(
@@ -151,6 +154,7 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
                 metrics["time/update_s"] = time.perf_counter() - t0
                 # in one process the engine shares the policy's parameters; ranks gather the new full weights
                 metrics.update(distributed.sync_weights(train_model, rollout_model))
+                metrics.update(sync_engine_weights(local_engine, rollout_model))  # vLLM: its own copy
             metrics["time/step_s"] = time.perf_counter() - t_step
             metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
             metrics["perf/peak_rss_mb"] = peak_rss_mb()
@@ -296,6 +300,14 @@ def update_policy(cfg: Config, actor: Actor, groups: list[Group], tokenizer: Any
         algo.mismatch_kl(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
     )
     return metrics
+
+
+def sync_engine_weights(engine: RolloutEngine, model: torch.nn.Module) -> dict[str, float]:
+    """Copy the policy's weights into an engine that keeps its own copy (vLLM); `rollout/weights_version`."""
+    if not isinstance(engine, WeightSyncedEngine):
+        return {}  # the native and HF engines hold the policy module itself
+    engine.load_weights(model.state_dict())
+    return {"rollout/weights_version": float(engine.weights_version)}
 
 
 def collect_settings(cfg: Config) -> CollectSettings:

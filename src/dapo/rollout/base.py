@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-__all__ = ["Completion", "RolloutEngine", "SamplingParams", "check_prompts"]
+__all__ = ["Completion", "RolloutEngine", "SamplingParams", "WeightSyncedEngine", "check_prompts"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,15 @@ class RolloutEngine(Protocol):
     def load_weights(self, state_dict: Mapping[str, Tensor]) -> None:
         """Copy new policy weights into the engine's model, in place."""
         ...
+
+
+@runtime_checkable
+class WeightSyncedEngine(RolloutEngine, Protocol):
+    """An engine holding its own copy of the policy's weights (vLLM), synced with `load_weights` after every
+    update; the native engine shares the policy's parameters instead."""
+
+    weights_version: int
+    """Weight loads so far."""
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = None) -> None:
