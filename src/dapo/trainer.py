@@ -173,6 +173,7 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
             ):
                 save(step, {"collector": collector.state_dict(), "history": history})
                 saved = step
+                stopping = stopping or stop_requested()  # a signal during the write: it completes, we stop
             if stopping:
                 interrupted = True
                 break
