@@ -190,12 +190,11 @@ def parallelize(model: nn.Module, world: World) -> tuple[nn.Module, nn.Module]:
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     rollout_model = _plain_copy(model)
     mesh = init_device_mesh(world.device.type, (world.size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs: dict[str, Any] = {"mesh": mesh}
     if world.device.type == "cuda":
         model.float()  # master weights; the engine's copy keeps the checkpoint dtype
-    kwargs: dict[str, Any] = {"mesh": mesh}
-    if world.device.type == "cuda" and rollout_model.lm_head_weight.dtype != torch.float32:
-        kwargs["mp_policy"] = mp
+        if rollout_model.lm_head_weight.dtype != torch.float32:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
         # the prefix-shared training forward calls the layers' `forward_shared`, not `forward`

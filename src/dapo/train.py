@@ -168,7 +168,8 @@ class Actor:
             if lo < rows.stop:
                 yield lo, batch.rows(slice(lo, min(lo + size, rows.stop))).to(self.device)
             else:
-                empty = batch.rows(slice(rows.start if len(rows) else 0, None)).rows(slice(0, 1))
+                first = rows.start if len(rows) else 0
+                empty = batch.rows(slice(first, first + 1))
                 empty.response_mask = torch.zeros_like(empty.response_mask)
                 empty.advantages = torch.zeros_like(empty.advantages)
                 yield -1, empty.to(self.device)
