@@ -30,6 +30,10 @@ How `SamplingParams` map onto vLLM's:
 - **Threads** (CPU). vLLM cuts torch to one thread unless ``OMP_NUM_THREADS`` is set: it is set to torch's
   thread count first. vLLM's CPU worker swaps ``torch.set_num_threads`` for a no-op (it expects the thread
   binding that only its multiprocess executor does); the original is put back.
+- **Data-parallel ranks** (torchrun). Each rank builds its own engine and generates its own share of the
+  prompts. vLLM then joins the rank's torch.distributed world (``external_launcher``: one independent engine
+  per rank, on the rank's device) instead of starting one of its own; tensor parallelism is not combined
+  with data-parallel ranks.
 - **Sleep mode** (CUDA only, ``sleep_mode=True``). After each `generate` the engine sleeps (level 1: KV cache
   freed, weights offloaded to host memory) so that a colocated policy update has the memory; the next
   `generate` or `load_weights` wakes it. Untested: no CUDA machine with vLLM was available. vLLM's CPU
@@ -241,6 +245,12 @@ def _start_vllm(
     """A ``vllm.LLM`` in this process with dummy weights (the caller loads the real ones)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights by reference, no spawn guard
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM drops to 1 thread
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if ranks > 1 and tensor_parallel_size > 1:
+        raise ValueError(
+            f"rollout.vllm.tensor_parallel_size: invalid value {tensor_parallel_size} with {ranks} torchrun "
+            "ranks; allowed: 1 (each data-parallel rank runs its own vLLM engine on its own device)"
+        )
     set_num_threads = torch.set_num_threads
     import vllm
 
@@ -260,6 +270,9 @@ def _start_vllm(
             generation_config="vllm",  # no checkpoint defaults (eos, penalties, top-k)
             worker_extension_cls=f"{__name__}.WorkerExtension",
             enable_sleep_mode=sleep_mode,
+            # under torchrun: vLLM joins the launched world as independent (external) data-parallel
+            # engines, one per rank on the rank's own device, instead of starting a world of its own
+            distributed_executor_backend="external_launcher" if ranks > 1 else None,
         )
     finally:
         torch.set_num_threads = set_num_threads  # vLLM's CPU worker swaps in a no-op
