@@ -82,3 +82,18 @@ def test_the_trainer_syncs_engines_that_copy_weights_and_not_the_native_one() ->
     assert sync_engine_weights(copying, model) == {"rollout/weights_version": 2.0}
     assert copying.loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(copying.loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_data_parallel_ranks_refuse_vllm_tensor_parallelism() -> None:
+    """Under torchrun each rank runs its own vLLM engine: tensor_parallel_size > 1 is a config error."""
+    from dapo.distributed import World
+    from dapo.trainer import check_world_size
+
+    ranks = World(rank=0, size=2, distributed=True)
+    cfg = load_config("tiny", ["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2"])
+    with pytest.raises(
+        ConfigError, match=r"rollout.vllm.tensor_parallel_size: invalid value 2 with 2 torchrun"
+    ):
+        check_world_size(cfg, ranks)
+    check_world_size(cfg, World.single())  # one process: vLLM's own tensor parallelism is allowed
+    check_world_size(load_config("tiny", ["rollout.engine=vllm"]), ranks)

@@ -241,7 +241,15 @@ def make_actor(cfg: Config, model: torch.nn.Module, world: distributed.World | N
 
 
 def check_world_size(cfg: Config, world: distributed.World) -> None:
-    """`trainer.world_size`, when set, must be what the launcher started."""
+    """`trainer.world_size`, when set, must be what the launcher started; vLLM engines on data-parallel ranks
+    are one per rank (no tensor parallelism across ranks)."""
+    tp = cfg.rollout.vllm.tensor_parallel_size
+    if world.distributed and cfg.rollout.engine == "vllm" and tp > 1:
+        raise ConfigError(
+            f"rollout.vllm.tensor_parallel_size: invalid value {tp} with {world.size} torchrun ranks; "
+            "allowed: "
+            "1 (each data-parallel rank runs its own vLLM engine on its own device)"
+        )
     want = cfg.trainer.world_size
     if want and want != world.size:
         how = f"torchrun started {world.size}" if world.distributed else "not launched by torchrun"

@@ -246,11 +246,8 @@ def _start_vllm(
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights by reference, no spawn guard
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # else vLLM drops to 1 thread
     ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if ranks > 1 and tensor_parallel_size > 1:
-        raise ValueError(
-            f"rollout.vllm.tensor_parallel_size: invalid value {tensor_parallel_size} with {ranks} torchrun "
-            "ranks; allowed: 1 (each data-parallel rank runs its own vLLM engine on its own device)"
-        )
+    if ranks > 1 and tensor_parallel_size > 1:  # the trainer refuses this config first (check_world_size)
+        raise ValueError(f"tensor_parallel_size must be 1 with {ranks} data-parallel ranks")
     set_num_threads = torch.set_num_threads
     import vllm
 
