@@ -247,8 +247,7 @@ def check_world_size(cfg: Config, world: distributed.World) -> None:
     if world.distributed and cfg.rollout.engine == "vllm" and tp > 1:
         raise ConfigError(
             f"rollout.vllm.tensor_parallel_size: invalid value {tp} with {world.size} torchrun ranks; "
-            "allowed: "
-            "1 (each data-parallel rank runs its own vLLM engine on its own device)"
+            "allowed: 1 (each data-parallel rank runs its own vLLM engine on its own device)"
         )
     want = cfg.trainer.world_size
     if want and want != world.size:
