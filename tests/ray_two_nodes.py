@@ -37,7 +37,9 @@ def main() -> None:
          f"trainer.output_dir={out}", "trainer.run_name=two-nodes"],
     )  # fmt: skip
     train(cfg)
-    (out / "nodes.json").write_text(json.dumps({"placed": placed, "nodes": [n["NodeID"] for n in ray.nodes()]}))
+    (out / "nodes.json").write_text(
+        json.dumps({"placed": placed, "nodes": [n["NodeID"] for n in ray.nodes()]})
+    )
     ray.shutdown()
     nodes.shutdown()
 

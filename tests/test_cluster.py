@@ -47,7 +47,9 @@ def ray_address() -> Iterator[str]:
 
 
 def ray_run(tmp: Path, name: str, *overrides: str) -> Path:
-    cfg = load_config(None, [*SHORT, *RAY, f"trainer.output_dir={tmp}", f"trainer.run_name={name}", *overrides])
+    cfg = load_config(
+        None, [*SHORT, *RAY, f"trainer.output_dir={tmp}", f"trainer.run_name={name}", *overrides]
+    )
     return train(cfg).run_dir
 
 
@@ -138,7 +140,13 @@ def test_a_worker_killed_mid_generation_is_restarted_and_the_run_unchanged(
 def test_resume_after_killing_the_driver_is_bit_identical(
     reference: dict[str, Any], ray_address: str, tmp_path: Path
 ) -> None:
-    args = [*SHORT, *RAY, "rollout.num_workers=2", f"trainer.output_dir={tmp_path}", "trainer.run_name=driver"]
+    args = [
+        *SHORT,
+        *RAY,
+        "rollout.num_workers=2",
+        f"trainer.output_dir={tmp_path}",
+        "trainer.run_name=driver",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_address}
 
     def dapo(*extra: str, **more_env: str) -> subprocess.CompletedProcess[str]:

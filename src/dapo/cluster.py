@@ -404,7 +404,7 @@ class RayBackend:
         }
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        state = {**state, "driver_rng": torch.get_rng_state().tolist()}
+        state = {**state, "driver_rng": {"torch": torch.get_rng_state().tolist()}}
         self.call_ranks(f"save(step {step})", lambda r: r.save.remote(step, state))
 
     def restore(self) -> dict[str, Any] | None:
