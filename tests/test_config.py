@@ -127,6 +127,27 @@ def test_cli_dry_run_prints_config_and_plan(capsys: pytest.CaptureFixture[str]) 
     assert "linear over 20 steps" in out
 
 
+def test_the_papers_run_on_a_ray_cluster_dry_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/dapo_qwen2.5_32b_ray.yaml: the paper's algorithm, laid out on 16 nodes x 8 GPUs."""
+    assert main(["train", "--config", str(REPO / "configs" / "dapo_qwen2.5_32b_ray.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: ray" in out and "eps_high: 0.28" in out
+    assert "trainer ranks                     64 x (8 CPU, 1 GPU)" in out
+    assert "rollout workers                   16 x (8 CPU, 4 GPU), on resources of their own" in out
+    assert "cluster resources asked           640 CPU, 128 GPU" in out
+
+
+def test_ray_keys_are_validated() -> None:
+    with pytest.raises(ConfigError, match="trainer.backend: invalid value 'slurm'; allowed: 'local', 'ray'"):
+        load_config(None, ["trainer.backend=slurm"])
+    with pytest.raises(ConfigError, match="rollout.num_workers: invalid value 0; allowed: an integer >= 1"):
+        load_config(None, ["rollout.num_workers=0"])
+    with pytest.raises(ConfigError, match="trainer.ray_cpus_per_actor: invalid value 0"):
+        load_config(None, ["trainer.ray_cpus_per_actor=0"])
+    with pytest.raises(ConfigError, match="rollout.colocate: expected true or false"):
+        load_config(None, ["rollout.colocate=3"])
+
+
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--dry-run", "actor.lrr=1"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err

@@ -50,6 +50,7 @@ from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from dapo import components, distributed
 from dapo.config import Config
 from dapo.errors import UserError
+from dapo.plan import ray_layout
 from dapo.preempt import fault_point
 from dapo.rewards import ScoreBatch
 from dapo.rollout.base import Completion, SamplingParams
@@ -270,13 +271,6 @@ class RewardScorer:
 # The driver's side
 
 
-def _bundle(cfg: Config, gpus: float) -> dict[str, float]:
-    b = {"CPU": float(cfg.trainer.ray_cpus_per_actor)}
-    if gpus:
-        b["GPU"] = gpus
-    return b
-
-
 def _ready(pg: PlacementGroup, what: str, timeout_s: float) -> None:
     if pg.wait(timeout_seconds=int(timeout_s)):
         return
@@ -322,16 +316,8 @@ class RayBackend:
         cfg = self.cfg
         ranks, workers = cfg.trainer.world_size or 1, cfg.rollout.num_workers
         self.layout = f", Ray: {ranks} trainer rank(s), {workers} rollout worker(s)"
-        cuda = _uses_cuda(cfg)
-        share = 0.5 if cfg.rollout.colocate else 1.0  # a colocated worker shares its rank's GPU
-        trainer_bundles = [_bundle(cfg, share if cuda else 0.0) for _ in range(ranks)]
-        if cfg.rollout.colocate:  # worker i joins rank i % ranks's bundle
-            for i in range(workers):
-                b = trainer_bundles[i % ranks]
-                b["CPU"] += cfg.trainer.ray_cpus_per_actor
-                if cuda:
-                    b["GPU"] = 1.0
-        self.pgs = [placement_group(trainer_bundles, strategy="PACK")]
+        lay = ray_layout(cfg, cuda=_uses_cuda(cfg))
+        self.pgs = [placement_group(lay.trainer_bundles, strategy="PACK")]
         _ready(self.pgs[0], f"{ranks} trainer rank(s)", self.timeout_s)
         # fault injection reaches the ranks (`rank_update`, see TrainerRank.update)
         env = {
@@ -341,8 +327,8 @@ class RayBackend:
         trainer_cls = ray.remote(TrainerRank)
         self.ranks = [
             trainer_cls.options(
-                num_cpus=cfg.trainer.ray_cpus_per_actor,
-                num_gpus=share if cuda else 0,
+                num_cpus=lay.rank_cpus,
+                num_gpus=lay.rank_gpus,
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pgs[0], placement_group_bundle_index=r
@@ -355,17 +341,15 @@ class RayBackend:
         if cfg.rollout.colocate:
             worker_pg, bundle_of = self.pgs[0], [i % ranks for i in range(workers)]
         else:
-            worker_pg = placement_group(
-                [_bundle(cfg, 1.0 if cuda else 0.0) for _ in range(workers)], strategy="PACK"
-            )
+            worker_pg = placement_group(lay.worker_bundles, strategy="PACK")
             self.pgs.append(worker_pg)
             _ready(worker_pg, f"{workers} rollout worker(s)", self.timeout_s)
             bundle_of = list(range(workers))
         worker_cls = ray.remote(RolloutWorker)
         self.workers = [
             worker_cls.options(
-                num_cpus=cfg.trainer.ray_cpus_per_actor,
-                num_gpus=(share if cfg.rollout.colocate else 1.0) if cuda else 0,
+                num_cpus=lay.worker_cpus,
+                num_gpus=lay.worker_gpus,
                 max_restarts=WORKER_RESTARTS,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     worker_pg, placement_group_bundle_index=bundle_of[i]
