@@ -196,3 +196,35 @@ def test_two_node_cluster(tmp_path: Path) -> None:
     assert set(placed["placed"]) == {"trainer rank 0", "rollout worker 0", "rollout worker 1"}
     assert len(set(placed["placed"].values())) == 2 == len(placed["nodes"])
     assert (tmp_path / "two-nodes" / "checkpoints" / "step_000002" / "COMPLETE").is_file()
+
+
+def test_async_rollout_generates_the_next_step_during_the_update(
+    reference: dict[str, Any], tmp_path: Path
+) -> None:
+    """trainer.async_rollout_steps=1: every batch after the first was collected during the previous update
+    (staleness 1), and truncated importance sampling corrects against the stale engine's log-probs."""
+    run_dir = ray_run(
+        tmp_path,
+        "async",
+        "rollout.num_workers=2",
+        "trainer.async_rollout_steps=1",
+        "algorithm.rollout_is_cap=2.0",
+    )
+    rows = metrics(run_dir)
+    staleness = [r["rollout/staleness"] for r in rows]
+    updated = ["actor/updates" in r for r in rows]
+    assert staleness[0] == 0.0
+    for i in range(1, len(rows)):  # ahead exactly when the step before updated
+        assert staleness[i] == float(updated[i - 1])
+    assert sum(staleness) >= 2
+    weights = final_weights(run_dir)
+    assert any(not weights[n].equal(reference["weights"][n]) for n in weights)
+
+
+def test_one_worker_samples_and_trains_what_one_process_does(ray_address: str, tmp_path: Path) -> None:
+    """1 trainer rank + 1 rollout worker: the round's seed is the worker's, the update the single-process
+    one, so the run ends with the local run's weights bit for bit."""
+    local = load_config(None, [*SHORT, f"trainer.output_dir={tmp_path}", "trainer.run_name=local"])
+    assert_equal_weights(
+        final_weights(ray_run(tmp_path, "ray", "rollout.num_workers=1")), final_weights(train(local).run_dir)
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -138,14 +139,26 @@ def test_the_papers_run_on_a_ray_cluster_dry_runs(capsys: pytest.CaptureFixture[
 
 
 def test_ray_keys_are_validated() -> None:
-    with pytest.raises(ConfigError, match="trainer.backend: invalid value 'slurm'; allowed: 'local', 'ray'"):
-        load_config(None, ["trainer.backend=slurm"])
-    with pytest.raises(ConfigError, match="rollout.num_workers: invalid value 0; allowed: an integer >= 1"):
-        load_config(None, ["rollout.num_workers=0"])
-    with pytest.raises(ConfigError, match="trainer.ray_cpus_per_actor: invalid value 0"):
-        load_config(None, ["trainer.ray_cpus_per_actor=0"])
-    with pytest.raises(ConfigError, match="rollout.colocate: expected true or false"):
-        load_config(None, ["rollout.colocate=3"])
+    bad = {
+        "trainer.backend=slurm": "trainer.backend: invalid value 'slurm'; allowed: 'local', 'ray'",
+        "rollout.num_workers=0": "rollout.num_workers: invalid value 0; allowed: an integer >= 1",
+        "trainer.ray_cpus_per_actor=0": "trainer.ray_cpus_per_actor: invalid value 0",
+        "rollout.colocate=3": "rollout.colocate: expected true or false",
+        "trainer.async_rollout_steps=2": "trainer.async_rollout_steps: invalid value 2; allowed: 0 or 1",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [override])
+    needs = {
+        "trainer.backend=local": "0 unless trainer.backend=ray",
+        "algorithm.rollout_is_cap=null": "0 unless algorithm.rollout_is_cap is set",
+        "algorithm.use_rollout_logprobs=true": "0 with algorithm.use_rollout_logprobs=true",
+    }
+    ok = ["trainer.backend=ray", "algorithm.rollout_is_cap=2.0", "trainer.async_rollout_steps=1"]
+    assert load_config(None, ok).trainer.async_rollout_steps == 1
+    for override, message in needs.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [*ok, override])
 
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:

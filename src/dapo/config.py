@@ -301,6 +301,10 @@ class TrainerConfig:
     this machine's CPUs)."""
     ray_cpus_per_actor: int = 1
     """trainer.backend=ray: logical CPUs (and torch threads) of each trainer rank and rollout worker."""
+    async_rollout_steps: int = 0
+    """Beyond the paper, trainer.backend=ray: 1 = step k+1's batch is generated while step k updates
+    (one-step-off-policy; the trainer's log-probs are the clip ratio's denominators and truncated
+    importance sampling, algorithm.rollout_is_cap, corrects against the engine's); 0 = synchronous."""
 
     def validate(self) -> None:
         _check(
@@ -310,6 +314,12 @@ class TrainerConfig:
         _check(self.world_size >= 0, "trainer.world_size", self.world_size, "0 (as launched) or >= 1")
         _check(
             self.collective_timeout_s > 0, "trainer.collective_timeout_s", self.collective_timeout_s, "> 0"
+        )
+        _check(
+            self.async_rollout_steps in (0, 1),
+            "trainer.async_rollout_steps",
+            self.async_rollout_steps,
+            "0 or 1",
         )
         _check(
             self.ray_cpus_per_actor >= 1,
@@ -421,6 +431,15 @@ class Config:
                 self.rollout.vllm.max_model_len,
                 f"0 or >= data.max_prompt_length + rollout.max_response_length ({longest})",
             )
+        if self.trainer.async_rollout_steps:
+            key, value = "trainer.async_rollout_steps", self.trainer.async_rollout_steps
+            _check(self.trainer.backend == "ray", key, value, "0 unless trainer.backend=ray (generation and "
+                   "update overlap on separate actors)")  # fmt: skip
+            _check(self.algorithm.rollout_is_cap is not None, key, value, "0 unless algorithm.rollout_is_cap "
+                   "is set (truncated importance sampling against the engine's log-probs)")  # fmt: skip
+            _check(not self.algorithm.use_rollout_logprobs, key, value, "0 with "
+                   "algorithm.use_rollout_logprobs=true (the stale engine log-probs would cancel the "
+                   "importance weights)")  # fmt: skip
         responses = self.trainer.prompts_per_step * self.rollout.n
         _check(
             self.actor.mini_batch_size <= responses,

@@ -27,7 +27,15 @@ from dapo.checkpoint import (
     save_checkpoint,
     sharded_checkpoint,
 )
-from dapo.collect import Collected, Collector, CollectSettings, Group, Scorer, make_train_batch
+from dapo.collect import (
+    AheadCollector,
+    Collected,
+    Collector,
+    CollectSettings,
+    Group,
+    Scorer,
+    make_train_batch,
+)
 from dapo.config import Config, ConfigError, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
@@ -84,7 +92,10 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
     )
     eval_set = load_eval_set(cfg, tokenizer)
     engine, score, actor = backend.engine, backend.score, backend.actor
-    collector = make_collector(cfg, engine, train_set, tokenizer, score)
+    # trainer.async_rollout_steps=1: step k+1's batch is collected during update k (`collector.ahead`)
+    collector = AheadCollector(
+        make_collector(cfg, engine, train_set, tokenizer, score), cfg.trainer.async_rollout_steps
+    )
     start_step, history = resume(backend.restore(), collector, world)
     log: RunLogger | NullLogger = NullLogger()
     if world.is_main:
@@ -155,8 +166,10 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
                 )
             else:
                 t0 = time.perf_counter()
-                metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
-                metrics["time/update_s"] = time.perf_counter() - t0
+                with collector.ahead(step + 1, last_step=cfg.trainer.total_steps):
+                    metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
+                    metrics["time/update_s"] = time.perf_counter() - t0
+                metrics["time/ahead_wait_s"] = time.perf_counter() - t0 - metrics["time/update_s"]
                 metrics.update(backend.sync_weights())  # the new weights to every engine
             metrics.update(backend.step_metrics())
             metrics["time/step_s"] = time.perf_counter() - t_step
@@ -405,7 +418,7 @@ def restore_policy(
 
 
 def resume(
-    state: dict[str, Any] | None, collector: Collector, world: distributed.World
+    state: dict[str, Any] | None, collector: Collector | AheadCollector, world: distributed.World
 ) -> tuple[int, dict[str, Any]]:
     """(step, history) of a restored checkpoint's `state` (after `Backend.restore`), with the collector
     restored; (0, {}) for a fresh run."""
