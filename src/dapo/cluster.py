@@ -396,6 +396,9 @@ class RayBackend:
         if state is None:
             return None
         print(f"resumed from {state.pop('path')} (step {state['step']})", flush=True)
+        self.weights.version = (
+            int(state["step"]) - 1
+        )  # the workers then hold version `step`, as before the stop
         self.weights.push(gather=False)
         return dict(state)
 
