@@ -203,7 +203,8 @@ def test_ahead_collector_off_is_the_collector_itself() -> None:
     inner = StepCollector()
     ahead = AheadCollector(inner, 0)  # type: ignore[arg-type]
     for step in (1, 2):
-        assert ahead.collect(step).groups[0].step == step
+        collected = ahead.collect(step)
+        assert collected.groups[0].step == step and "rollout/staleness" not in collected.metrics
         with ahead.ahead(step + 1, last_step=3):
             pass
     assert [s for s, _ in inner.calls] == [1, 2]  # nothing collected ahead

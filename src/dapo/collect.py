@@ -354,7 +354,8 @@ class AheadCollector:
             collected.metrics["rollout/staleness"] = 1.0
             return collected
         collected = self.collector.collect(step)
-        collected.metrics["rollout/staleness"] = 0.0
+        if self.steps:
+            collected.metrics["rollout/staleness"] = 0.0
         return collected
 
     @contextlib.contextmanager

@@ -169,7 +169,6 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
                 with collector.ahead(step + 1, last_step=cfg.trainer.total_steps):
                     metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
                     metrics["time/update_s"] = time.perf_counter() - t0
-                metrics["time/ahead_wait_s"] = time.perf_counter() - t0 - metrics["time/update_s"]
                 metrics.update(backend.sync_weights())  # the new weights to every engine
             metrics.update(backend.step_metrics())
             metrics["time/step_s"] = time.perf_counter() - t_step
