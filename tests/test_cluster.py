@@ -242,3 +242,19 @@ def test_the_default_recipe_learns_in_ray_mode(ray_address: str, tmp_path: Path)
     result = train(cfg)
     before, after = result.eval_before["eval/arithmetic/avg@8"], result.eval_after["eval/arithmetic/avg@8"]
     assert after - before >= 0.05, (before, after)
+
+
+def test_a_remote_call_past_its_timeout_stops_with_a_message(
+    ray_address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    @ray.remote(num_cpus=0)
+    def hangs() -> None:
+        import time
+
+        time.sleep(60)
+
+    ref = hangs.remote()
+    with pytest.raises(cluster.ClusterError, match=r"generate timed out after 1 s .* on worker 7"):
+        cluster.wait([ref], ["worker 7"], 1.0, "generate")
+    assert "remote call generate timed out" in capsys.readouterr().err
+    ray.cancel(ref, force=True)

@@ -32,9 +32,9 @@ naming it; `--resume auto` continues from the last checkpoint.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,8 +55,6 @@ from dapo.preempt import fault_point
 from dapo.rewards import ScoreBatch
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.train import TrainBatch
-
-logger = logging.getLogger(__name__)
 
 WORKER_RESTARTS = 4
 """Times Ray restarts a rollout worker that died (its share is generated again each time)."""
@@ -82,7 +80,8 @@ def connect(cfg: Config) -> None:
 
 def wait(refs: Sequence[ray.ObjectRef[Any]], names: Sequence[str], timeout_s: float, what: str) -> list[Any]:
     """The results of ``refs`` (the calls ``what`` on ``names``), in order, within ``timeout_s``. A
-    timeout is logged and raises `ClusterError`; a dead actor raises `RayActorError` naming it."""
+    timeout is printed (stderr) and raises `ClusterError`; a dead actor raises `ActorLostError` naming
+    it."""
     deadline = time.monotonic() + timeout_s
     results: dict[int, Any] = {}
     pending = {ref: i for i, ref in enumerate(refs)}
@@ -93,8 +92,7 @@ def wait(refs: Sequence[ray.ObjectRef[Any]], names: Sequence[str], timeout_s: fl
             late = ", ".join(names[i] for i in sorted(pending.values()))
             limit = f"{timeout_s:.0f} s (trainer.collective_timeout_s)"
             message = f"remote call {what} timed out after {limit} on {late}"
-            logger.error(message)
-            print(f"dapo: {message}", flush=True)
+            print(f"dapo: {message}", file=sys.stderr, flush=True)
             raise ClusterError(message)
         for ref in ready:
             i = pending.pop(ref)
@@ -518,7 +516,9 @@ class RolloutPool:
                 refs = {}
             except ActorLostError as e:
                 lost = list(refs)[e.index]
-                print(f"dapo: {e.name} died while generating; its prompts are generated again", flush=True)
+                print(
+                    f"dapo: {e.name} died while generating; its prompts are generated again", file=sys.stderr
+                )
                 self.revive(lost)
                 refs[lost] = submit(lost)  # the same share and seed: the same samples
         return distributed.gather_shares([(shares[i][0], done[i]) for i in sorted(done)])
