@@ -86,7 +86,7 @@ def run_ray(
 ) -> dict[str, float]:
     """Median split of one run: `dapo train` in one process (no ``address``) or in Ray mode."""
     cmd = [sys.executable, "-m", "dapo", "train", *overrides_for(model, out, name, args), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if address else "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if address else "2", "RAY_AUTH_MODE": "token"}
     if address:
         cmd += ["trainer.backend=ray", f"trainer.ray_address={address}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
@@ -107,7 +107,9 @@ def run_ray(
 def ray_main(model: Path, out: Path, args: argparse.Namespace) -> None:
     ray_bin = str(Path(sys.executable).parent / "ray")
     start = [ray_bin, "start", "--head", "--num-cpus=4", "--include-dashboard=false"]
-    started = subprocess.run(start, capture_output=True, text=True, timeout=300)
+    # token authentication on both sides (the head generates ~/.ray/auth_token, the drivers read it)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
     if started.returncode != 0:
         raise SystemExit(f"ray start failed:\n{started.stderr[-3000:]}")
     address = next(ln.split("'")[1] for ln in started.stdout.splitlines() if "ray start --address=" in ln)
@@ -124,7 +126,7 @@ def ray_main(model: Path, out: Path, args: argparse.Namespace) -> None:
             for label, (name, extra, addr) in layouts.items()
         }
     finally:
-        subprocess.run([ray_bin, "stop"], capture_output=True, timeout=300)
+        subprocess.run([ray_bin, "stop"], env=env, capture_output=True, timeout=300)
     print(f"{cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; model {args.size}")
     print(
         f"device {args.device}; median of {args.steps} steps after {args.warmup} warm-up; Ray: 4 logical CPUs"
