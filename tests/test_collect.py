@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from dapo.collect import Collector, CollectSettings, Group, make_train_batch
+from dapo.collect import AheadCollector, Collected, Collector, CollectSettings, Group, make_train_batch
 from dapo.data import PromptSampler
 from dapo.rewards import RewardPool
 from dapo.rollout.base import Completion, SamplingParams
@@ -175,3 +175,57 @@ def test_make_train_batch_packs_prompts_once_and_responses_and_advantages() -> N
     assert batch.advantages.tolist() == pytest.approx([0.7071063, -0.7071063] * 2, abs=1e-6)
     filtered = make_train_batch([g1], pad_token_id=0, overlong_filter=True)
     assert filtered.response_mask.tolist() == [[1, 0], [0, 0]]  # the truncated response leaves the loss
+
+
+class StepCollector:
+    """A stand-in collector: step k's batch is one group tagged k; records which thread collected it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+        self.position = 0
+
+    def collect(self, step: int) -> Collected:
+        import threading
+
+        self.calls.append((step, threading.current_thread().name))
+        self.position += 1
+        group = Group(step, "s", [1], [[2]], [[-0.5]], [False], [True], [1.0], step)
+        return Collected(groups=[group], metrics={"filter/rounds": 1.0})
+
+    def state_dict(self) -> dict[str, object]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.position = int(state["position"])  # type: ignore[call-overload]
+
+
+def test_ahead_collector_off_is_the_collector_itself() -> None:
+    inner = StepCollector()
+    ahead = AheadCollector(inner, 0)  # type: ignore[arg-type]
+    for step in (1, 2):
+        collected = ahead.collect(step)
+        assert collected.groups[0].step == step and "rollout/staleness" not in collected.metrics
+        with ahead.ahead(step + 1, last_step=3):
+            pass
+    assert [s for s, _ in inner.calls] == [1, 2]  # nothing collected ahead
+    assert all(name == "MainThread" for _, name in inner.calls)
+    assert ahead.state_dict() == inner.state_dict()
+
+
+def test_ahead_collector_collects_the_next_step_during_the_body_and_checkpoints_it() -> None:
+    inner = StepCollector()
+    ahead = AheadCollector(inner, 1)  # type: ignore[arg-type]
+    first = ahead.collect(1)
+    assert first.metrics["rollout/staleness"] == 0.0
+    with ahead.ahead(2, last_step=2):
+        pass  # the update would run here
+    assert inner.calls[-1][0] == 2 and inner.calls[-1][1].startswith("dapo-ahead")
+    state = ahead.state_dict()
+    assert state["ahead"]["step"] == 2  # type: ignore[index]
+    restored = AheadCollector(StepCollector(), 1)  # type: ignore[arg-type]
+    restored.load_state_dict(state)
+    second = restored.collect(2)
+    assert second.metrics["rollout/staleness"] == 1.0 and second.groups[0].step == 2
+    with ahead.ahead(3, last_step=2):  # past the last step: nothing ahead
+        pass
+    assert [s for s, _ in inner.calls] == [1, 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,39 @@ def test_cli_dry_run_prints_config_and_plan(capsys: pytest.CaptureFixture[str]) 
     assert "eps_high: 0.28" in out
     assert "responses trained per step        N x G = 8192" in out
     assert "linear over 20 steps" in out
+
+
+def test_the_papers_run_on_a_ray_cluster_dry_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/dapo_qwen2.5_32b_ray.yaml: the paper's algorithm, laid out on 16 nodes x 8 GPUs."""
+    assert main(["train", "--config", str(REPO / "configs" / "dapo_qwen2.5_32b_ray.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: ray" in out and "eps_high: 0.28" in out
+    assert "trainer ranks                     64 x (8 CPU, 1 GPU)" in out
+    assert "rollout workers                   16 x (8 CPU, 4 GPU), on resources of their own" in out
+    assert "cluster resources asked           640 CPU, 128 GPU" in out
+
+
+def test_ray_keys_are_validated() -> None:
+    bad = {
+        "trainer.backend=slurm": "trainer.backend: invalid value 'slurm'; allowed: 'local', 'ray'",
+        "rollout.num_workers=0": "rollout.num_workers: invalid value 0; allowed: an integer >= 1",
+        "trainer.ray_cpus_per_actor=0": "trainer.ray_cpus_per_actor: invalid value 0",
+        "rollout.colocate=3": "rollout.colocate: expected true or false",
+        "trainer.async_rollout_steps=2": "trainer.async_rollout_steps: invalid value 2; allowed: 0 or 1",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [override])
+    needs = {
+        "trainer.backend=local": "0 unless trainer.backend=ray",
+        "algorithm.rollout_is_cap=null": "0 unless algorithm.rollout_is_cap is set",
+        "algorithm.use_rollout_logprobs=true": "0 with algorithm.use_rollout_logprobs=true",
+    }
+    ok = ["trainer.backend=ray", "algorithm.rollout_is_cap=2.0", "trainer.async_rollout_steps=1"]
+    assert load_config(None, ok).trainer.async_rollout_steps == 1
+    for override, message in needs.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [*ok, override])
 
 
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:

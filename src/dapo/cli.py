@@ -150,6 +150,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(format_plan(cfg))
         world_size = cfg.trainer.world_size or launched_world_size() or 1
         print(format_rank_plan(cfg, world_size, cuda=cfg.model.device != "cpu"))
+        if cfg.trainer.backend == "ray":
+            from dapo.plan import format_ray_plan
+
+            print(format_ray_plan(cfg, cuda=cfg.model.device != "cpu"))
         return 0
     from dapo.preflight import check_train
     from dapo.trainer import train

@@ -17,10 +17,12 @@ overlong response still counts as correct there, so soft overlong punishment alo
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -326,3 +328,65 @@ def make_train_batch(
         advantages=advantages,
         rollout_logprobs=rollout_logprobs,
     )
+
+
+class AheadCollector:
+    """`trainer.async_rollout_steps` (beyond the paper): with 1, step k+1's batch is collected in a thread
+    while step k updates (`ahead`), one-step-off-policy as in verl's and prime-rl's async modes; with 0,
+    `collect` is the collector's own, unchanged.
+
+    The thread is joined before the weights move, so every round of step k+1 samples with the weights
+    before update k (staleness exactly 1 for its new groups, logged as `rollout/staleness`), whatever the
+    timing. A batch collected ahead is part of the checkpoint (`state_dict`), so a resumed run trains on
+    the same batches.
+    """
+
+    def __init__(self, collector: Collector, steps: int) -> None:
+        if steps not in (0, 1):
+            raise ValueError(f"async rollout steps must be 0 or 1, got {steps!r}")
+        self.collector = collector
+        self.steps = steps
+        self.pending: tuple[int, Collected] | None = None
+
+    def collect(self, step: int) -> Collected:
+        if self.pending is not None and self.pending[0] == step:
+            collected, self.pending = self.pending[1], None
+            collected.metrics["rollout/staleness"] = 1.0
+            return collected
+        collected = self.collector.collect(step)
+        if self.steps:
+            collected.metrics["rollout/staleness"] = 0.0
+        return collected
+
+    @contextlib.contextmanager
+    def ahead(self, step: int, last_step: int) -> Iterator[None]:
+        """Collect step ``step``'s batch while the body runs (nothing with 0, or past ``last_step``)."""
+        if not self.steps or step > last_step:
+            yield
+            return
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dapo-ahead") as pool:
+            future = pool.submit(self.collector.collect, step)
+            try:
+                yield
+            finally:
+                collected = future.result()  # joined before the caller moves the weights
+        self.pending = (step, collected)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.collector.state_dict()
+        if self.pending is not None:
+            step, collected = self.pending
+            state["ahead"] = {
+                "step": step,
+                "groups": [asdict(g) for g in collected.groups],
+                "metrics": collected.metrics,
+            }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.collector.load_state_dict(state)
+        ahead = state.get("ahead")
+        self.pending = None
+        if ahead is not None:
+            groups = [Group(**g) for g in ahead["groups"]]
+            self.pending = (int(ahead["step"]), Collected(groups=groups, metrics=dict(ahead["metrics"])))

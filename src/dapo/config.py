@@ -129,6 +129,12 @@ class RolloutConfig:
     """Most sequences decoded at once (0 = all prompts of a round at once)."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """The vLLM engine's settings (used when engine=vllm)."""
+    num_workers: int = 1
+    """trainer.backend=ray: `RolloutWorker` actors, each with full weights and its own engine; a round's
+    prompts are sharded across them by prompt index."""
+    colocate: bool = False
+    """trainer.backend=ray: place rollout worker i on trainer rank i % world_size's resources (GPU) instead
+    of resources of its own (disaggregated)."""
 
     def validate(self) -> None:
         _check(self.n >= 1, "rollout.n", self.n, "an integer >= 1")
@@ -139,6 +145,7 @@ class RolloutConfig:
         )
         _check(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length, ">= 1")
         _check(self.max_batch_size >= 0, "rollout.max_batch_size", self.max_batch_size, ">= 0")
+        _check(self.num_workers >= 1, "rollout.num_workers", self.num_workers, "an integer >= 1")
         self.vllm.validate()
 
 
@@ -283,7 +290,21 @@ class TrainerConfig:
     the launcher's and sizes `--dry-run`'s per-rank plan."""
     collective_timeout_s: float = 600.0
     """Seconds a collective may wait for the other ranks before the run stops with an error naming this
-    rank (a rank that died or hangs never makes the others hang)."""
+    rank (a rank that died or hangs never makes the others hang); in Ray mode also the limit of every
+    remote call (a timeout is logged, then the run stops)."""
+    backend: Literal["local", "ray"] = "local"
+    """"local": this process, or the ranks torchrun started; "ray": the cluster mode (`dapo.cluster`): this
+    process is the single controller, `world_size` trainer ranks and `rollout.num_workers` rollout workers
+    run as Ray actors."""
+    ray_address: str = ""
+    """trainer.backend=ray: the Ray cluster to join ("" = $RAY_ADDRESS, else a local Ray started with
+    this machine's CPUs)."""
+    ray_cpus_per_actor: int = 1
+    """trainer.backend=ray: logical CPUs (and torch threads) of each trainer rank and rollout worker."""
+    async_rollout_steps: int = 0
+    """Beyond the paper, trainer.backend=ray: 1 = step k+1's batch is generated while step k updates
+    (one-step-off-policy; the trainer's log-probs are the clip ratio's denominators and truncated
+    importance sampling, algorithm.rollout_is_cap, corrects against the engine's); 0 = synchronous."""
 
     def validate(self) -> None:
         _check(
@@ -293,6 +314,18 @@ class TrainerConfig:
         _check(self.world_size >= 0, "trainer.world_size", self.world_size, "0 (as launched) or >= 1")
         _check(
             self.collective_timeout_s > 0, "trainer.collective_timeout_s", self.collective_timeout_s, "> 0"
+        )
+        _check(
+            self.async_rollout_steps in (0, 1),
+            "trainer.async_rollout_steps",
+            self.async_rollout_steps,
+            "0 or 1",
+        )
+        _check(
+            self.ray_cpus_per_actor >= 1,
+            "trainer.ray_cpus_per_actor",
+            self.ray_cpus_per_actor,
+            "an integer >= 1",
         )
 
 
@@ -398,6 +431,15 @@ class Config:
                 self.rollout.vllm.max_model_len,
                 f"0 or >= data.max_prompt_length + rollout.max_response_length ({longest})",
             )
+        if self.trainer.async_rollout_steps:
+            key, value = "trainer.async_rollout_steps", self.trainer.async_rollout_steps
+            _check(self.trainer.backend == "ray", key, value, "0 unless trainer.backend=ray (generation and "
+                   "update overlap on separate actors)")  # fmt: skip
+            _check(self.algorithm.rollout_is_cap is not None, key, value, "0 unless algorithm.rollout_is_cap "
+                   "is set (truncated importance sampling against the engine's log-probs)")  # fmt: skip
+            _check(not self.algorithm.use_rollout_logprobs, key, value, "0 with "
+                   "algorithm.use_rollout_logprobs=true (the stale engine log-probs would cancel the "
+                   "importance weights)")  # fmt: skip
         responses = self.trainer.prompts_per_step * self.rollout.n
         _check(
             self.actor.mini_batch_size <= responses,

@@ -47,14 +47,20 @@ __all__ = [
     "ShardedEngine",
     "ShardedScorer",
     "World",
+    "broadcast_weights",
+    "gather_shares",
     "init_world",
     "launched_world_size",
     "load_training_state",
+    "merge_scores",
     "parallelize",
     "shard_range",
+    "shard_requests",
     "shard_seed",
     "sync_weights",
     "training_state",
+    "weight_group",
+    "weights_checksum",
 ]
 
 T = TypeVar("T")
@@ -277,6 +283,37 @@ def shard_seed(seed: int, first_prompt: int) -> int:
     return (seed + 1_000_033 * first_prompt) % (2**31)
 
 
+def shard_requests(
+    n: int, parts: int, sampling: SamplingParams, seed: int
+) -> list[tuple[range, SamplingParams]]:
+    """Each of ``parts`` contiguous shares of a round of ``n`` prompts (`shard_range`), with its sampling
+    seed (`shard_seed` of the round's ``seed``): what rank (or rollout worker) i generates. Shares may be
+    empty when there are more parts than prompts."""
+    world = World(size=parts)
+    shares = [shard_range(n, world, rank=i) for i in range(parts)]
+    return [(r, dataclasses.replace(sampling, seed=shard_seed(seed, r.start))) for r in shares]
+
+
+def gather_shares(shares: Sequence[tuple[range, list[Completion]]]) -> list[Completion]:
+    """The completions of every share, in prompt order (each share's prompt indices made global)."""
+    out: list[Completion] = []
+    for share, completions in sorted(shares, key=lambda s: s[0].start):
+        for c in completions:
+            c.prompt_index += share.start
+        out += completions
+    return out
+
+
+def merge_scores(parts: Sequence[ScoreBatch]) -> ScoreBatch:
+    """Scores of consecutive shares as one batch, in order."""
+    return ScoreBatch(
+        results=[r for p in parts for r in p.results],
+        num_timeouts=sum(p.num_timeouts for p in parts),
+        num_errors=sum(p.num_errors for p in parts),
+        num_oversized=sum(p.num_oversized for p in parts),
+    )
+
+
 class ShardedEngine:
     """`RolloutEngine` over the ranks: each generates its share of the prompts with its own engine, and
     every rank gets all completions, ordered by prompt index."""
@@ -288,19 +325,15 @@ class ShardedEngine:
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         if not self.world.distributed:
             return self.engine.generate(prompts, sampling)
-        share = shard_range(len(prompts), self.world)
         seed = sampling.seed
         if seed is None:  # one draw, on rank 0, for all ranks
             seed = self.world.broadcast(int(torch.randint(2**31, ()).item()))
+        share, share_sampling = shard_requests(len(prompts), self.world.size, sampling, seed)[self.world.rank]
         local: list[Completion] = []
         if len(share) > 0:
-            local = self.engine.generate(
-                prompts[share.start : share.stop],
-                dataclasses.replace(sampling, seed=shard_seed(seed, share.start)),
-            )
-            for c in local:
-                c.prompt_index += share.start
-        return [c for part in self.world.gather(local) for c in part]
+            local = self.engine.generate(prompts[share.start : share.stop], share_sampling)
+        shares = [shard_range(len(prompts), self.world, rank=r) for r in range(self.world.size)]
+        return gather_shares(list(zip(shares, self.world.gather(local), strict=True)))
 
     def load_weights(self, state_dict: Any) -> None:
         self.engine.load_weights(state_dict)
@@ -322,10 +355,51 @@ class ShardedScorer:
             if len(share) > 0
             else ScoreBatch(results=[])
         )
-        parts = self.world.gather(part)
-        return ScoreBatch(
-            results=[r for p in parts for r in p.results],
-            num_timeouts=sum(p.num_timeouts for p in parts),
-            num_errors=sum(p.num_errors for p in parts),
-            num_oversized=sum(p.num_oversized for p in parts),
+        return merge_scores(self.world.gather(part))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights to rollout workers (Ray mode): a gloo group of its own, trainer rank 0 and the workers
+
+
+def weight_group(store: Any, rank: int, size: int, generation: int, timeout_s: float) -> Any:
+    """A gloo group of ``size`` members outside the trainer ranks' world: member 0 is trainer rank 0 (it
+    holds ``store``'s server), the rollout workers follow. Every member calls this together; a new
+    ``generation`` (after a worker restarted) forms a new group on the same store."""
+    prefixed = dist.PrefixStore(f"dapo-weights-{generation}", store)  # type: ignore[attr-defined]
+    return dist.ProcessGroupGloo(prefixed, rank, size, datetime.timedelta(seconds=timeout_s))
+
+
+@torch.no_grad()
+def broadcast_weights(group: Any, module: nn.Module, version: int) -> tuple[int, int]:
+    """Member 0 sends every parameter of ``module`` (in `named_parameters` order) and the others receive
+    them in place; a header first (version, parameter count), so a receiver with another model fails
+    instead of loading garbage. Staged through CPU memory (gloo). Returns (version, bytes per receiver)."""
+    params = list(module.named_parameters())
+    header = torch.tensor([version, len(params)], dtype=torch.int64)
+    group.broadcast(header, 0).wait()
+    if int(header[1]) != len(params):
+        raise RuntimeError(
+            f"weight sync: the sender has {int(header[1])} parameters, this model {len(params)}"
         )
+    sent = 0
+    for _, p in params:
+        buf = p.detach() if p.device.type == "cpu" and p.is_contiguous() else p.detach().cpu().contiguous()
+        group.broadcast(buf, 0).wait()
+        if buf.data_ptr() != p.data_ptr():
+            p.copy_(buf)
+        sent += buf.numel() * buf.element_size()
+    return int(header[0]), sent
+
+
+@torch.no_grad()
+def weights_checksum(module: nn.Module) -> str:
+    """SHA-256 of every parameter's name and bytes (`named_parameters` order): equal digests, equal
+    weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

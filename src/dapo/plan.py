@@ -174,3 +174,90 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
         if name in hints:
             lines.append(f"  largest: {name.replace('_', ' ')} ({hints[name]})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Ray layout (trainer.backend=ray): what each part asks of the cluster
+
+
+@dataclass(frozen=True)
+class RayLayout:
+    """The logical resources of each Ray actor and each placement-group bundle (`dapo.cluster` places
+    them; `--dry-run` prints them). A rank and a worker take `trainer.ray_cpus_per_actor` CPUs each; on
+    CUDA a rank takes one GPU and a worker `rollout.vllm.tensor_parallel_size` (vLLM) or one, and
+    colocated, worker i shares rank i % ranks's GPU (half each)."""
+
+    ranks: int
+    workers: int
+    rank_cpus: float
+    rank_gpus: float
+    worker_cpus: float
+    worker_gpus: float
+    trainer_bundles: list[dict[str, float]]
+    worker_bundles: list[dict[str, float]]
+    """Empty when colocated (the workers sit in the trainer bundles, worker i in bundle i % ranks)."""
+
+    @property
+    def total(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for b in self.trainer_bundles + self.worker_bundles:
+            for k, v in b.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def ray_layout(cfg: Config, *, cuda: bool) -> RayLayout:
+    ranks, workers = cfg.trainer.world_size or 1, cfg.rollout.num_workers
+    cpus = float(cfg.trainer.ray_cpus_per_actor)
+    colocate = cfg.rollout.colocate
+    tp = cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+    rank_gpus = (0.5 if colocate else 1.0) if cuda else 0.0
+    worker_gpus = (0.5 if colocate else float(tp)) if cuda else 0.0
+
+    def bundle(c: float, g: float) -> dict[str, float]:
+        return {"CPU": c, "GPU": g} if g else {"CPU": c}
+
+    trainer_bundles = [bundle(cpus, rank_gpus) for _ in range(ranks)]
+    worker_bundles = [bundle(cpus, worker_gpus) for _ in range(workers)]
+    if colocate:
+        for i in range(workers):
+            b = trainer_bundles[i % ranks]
+            b["CPU"] += cpus
+            if cuda:
+                b["GPU"] = 1.0
+        worker_bundles = []
+    return RayLayout(ranks, workers, cpus, rank_gpus, cpus, worker_gpus, trainer_bundles, worker_bundles)
+
+
+def format_ray_plan(cfg: Config, *, cuda: bool = True) -> str:
+    """The dry-run lines of the Ray layout."""
+    lay = ray_layout(cfg, cuda=cuda)
+
+    def res(cpus: float, gpus: float) -> str:
+        return f"{cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
+
+    place = "colocated with the trainer ranks" if cfg.rollout.colocate else "on resources of their own"
+    total = lay.total
+    per_round = round_prompts(cfg, 1)
+    lines = [
+        "Ray layout (trainer.backend=ray; the driver is the single controller):",
+        "  driver                            this process: sampler, collector, advantages, logging, "
+        "checkpoints",
+        f"  trainer ranks                     {lay.ranks} x ({res(lay.rank_cpus, lay.rank_gpus)}): one "
+        "torch.distributed world, FSDP2 update",
+        f"  rollout workers                   {lay.workers} x ({res(lay.worker_cpus, lay.worker_gpus)}), "
+        f"{place}: full weights + {cfg.rollout.engine} engine each",
+        f"  prompts per worker per round      <= {math.ceil(per_round / lay.workers)} of {per_round}",
+        f"  reward scorers                    {lay.workers} x (0 CPU; {cfg.reward.num_workers} verifier "
+        f"process(es) each, {cfg.reward.timeout_s:g} s timeout)",
+        f"  cluster resources asked           {res(total.get('CPU', 0.0), total.get('GPU', 0.0))}",
+    ]
+    args, _ = model_shape(cfg.model.path)
+    if args is not None:
+        total_params, _ = parameter_count(args)
+        gib = total_params * _DTYPE_BYTES[cfg.model.dtype] / 2**30
+        lines.append(
+            f"  weight sync per update            {gib:.2f} GiB ({cfg.model.dtype}) from trainer rank 0 to "
+            "each worker (gloo broadcast group)"
+        )
+    return "\n".join(lines)

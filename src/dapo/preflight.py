@@ -32,6 +32,7 @@ def check_train(cfg: Config) -> None:
     check_data_files(cfg.evaluation.files, cfg.data, "evaluation.files")
     check_reward_function(cfg.reward.function)
     check_engine(cfg.rollout.engine)
+    check_backend(cfg.trainer.backend)
     check_output_dir(cfg.trainer.output_dir)
 
 
@@ -80,6 +81,15 @@ def check_engine(engine: str) -> None:
         raise ConfigError(
             "rollout.engine: 'vllm' needs vLLM, which is not installed here (CPU: make setup-vllm, then "
             ".venv-vllm/bin/dapo; CUDA: pip install -e '.[vllm]'); allowed here: 'native', 'hf'"
+        )
+
+
+def check_backend(backend: str) -> None:
+    """The cluster mode needs Ray (the `ray` extra)."""
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "trainer.backend: 'ray' needs Ray, which is not installed here (make setup installs it; or "
+            "pip install -e '.[ray]'); allowed here: 'local'"
         )
 
 

@@ -13,12 +13,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from dapo import algo, components, distributed
 from dapo.checkpoint import (
+    Checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -26,14 +27,22 @@ from dapo.checkpoint import (
     save_checkpoint,
     sharded_checkpoint,
 )
-from dapo.collect import Collected, Collector, CollectSettings, Group, Scorer, make_train_batch
+from dapo.collect import (
+    AheadCollector,
+    Collected,
+    Collector,
+    CollectSettings,
+    Group,
+    Scorer,
+    make_train_batch,
+)
 from dapo.config import Config, ConfigError, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
 from dapo.logger import NullLogger, RunLogger, environment_info, peak_rss_mb
 from dapo.preempt import Stopped, StopSignal, fault_point, stop_message
 from dapo.rollout.base import RolloutEngine, SamplingParams, WeightSyncedEngine
-from dapo.train import Actor
+from dapo.train import Actor, TrainBatch
 
 
 @dataclass
@@ -45,9 +54,12 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
-    """Run `cfg`: in this process, or as one rank of a torchrun launch (see `dapo.distributed`).
+    """Run `cfg`: in this process, as one rank of a torchrun launch (see `dapo.distributed`), or as the
+    single controller of a Ray cluster (`trainer.backend=ray`, see `dapo.cluster`).
 
     Raises `dapo.preempt.Stopped` after SIGTERM / SIGINT, once the checkpoint is written."""
+    if cfg.trainer.backend == "ray":  # the driver is one process; the ranks are Ray actors
+        return run(cfg, distributed.World.single())
     world = distributed.init_world(device=cfg.model.device, timeout_s=cfg.trainer.collective_timeout_s)
     try:
         check_world_size(cfg, world)
@@ -62,27 +74,29 @@ def train(cfg: Config) -> TrainResult:
 
 def run(cfg: Config, world: distributed.World) -> TrainResult:
     run_dir = make_run_dir(cfg, world)
-    model, tokenizer, model_dir = components.load_policy(
-        cfg.model, device=world.device if world.distributed else None
-    )
-    torch.manual_seed(cfg.trainer.seed)  # after the policy: however it was loaded (or built), the same state
+    # where the update, generation and scoring run: here (or on torchrun's ranks), or on Ray actors
+    backend = make_backend(cfg, world, run_dir)
+    try:
+        return drive(cfg, world, run_dir, backend)
+    finally:
+        backend.close()
+
+
+def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend) -> TrainResult:
+    """The loop; `backend` says where each part runs."""
+    tokenizer = backend.tokenizer
     train_set = components.tokenize_prompts(
         components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=cfg.data.dedup),
         tokenizer,
         cfg.data.max_prompt_length,
     )
     eval_set = load_eval_set(cfg, tokenizer)
-    # one module in one process; FSDP2 shards to train and a full copy to generate with on each rank
-    train_model, rollout_model = distributed.parallelize(model, world)
-    local_engine = components.make_engine(cfg.rollout, rollout_model, tokenizer)
-    engine = distributed.ShardedEngine(local_engine, world)
-    pool = components.make_reward_pool(cfg.reward)
-    score = distributed.ShardedScorer(pool.score, world)
-    actor = make_actor(cfg, train_model, world)
-    collector = make_collector(cfg, engine, train_set, tokenizer, score)
-    start_step, history = resume(cfg, run_dir, actor, collector, world, rollout_model)
-    if start_step:  # an engine with its own copy of the weights (vLLM) was built before they were loaded
-        sync_engine_weights(local_engine, rollout_model)
+    engine, score, actor = backend.engine, backend.score, backend.actor
+    # trainer.async_rollout_steps=1: step k+1's batch is collected during update k (`collector.ahead`)
+    collector = AheadCollector(
+        make_collector(cfg, engine, train_set, tokenizer, score), cfg.trainer.async_rollout_steps
+    )
+    start_step, history = resume(backend.restore(), collector, world)
     log: RunLogger | NullLogger = NullLogger()
     if world.is_main:
         log = RunLogger(
@@ -93,8 +107,10 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
             progress=cfg.logging.progress_bar,
             every_steps=cfg.logging.every_steps,
         )
-    ranks = f", {world.size} data-parallel ranks" if world.distributed else ""
-    log.message(f"run directory: {run_dir}  (model {model_dir}, {len(train_set)} training prompts{ranks})")
+    log.message(
+        f"run directory: {run_dir}  (model {backend.model_dir}, {len(train_set)} training prompts"
+        f"{backend.layout})"
+    )
 
     def run_eval(step: int) -> dict[str, float]:
         fault_point("eval", step)
@@ -110,7 +126,7 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
 
     def save(step: int, state: dict[str, Any]) -> None:
         fault_point("checkpoint", step)
-        save_checkpoint_of(cfg, run_dir, step, actor, state, rollout_model, tokenizer, world)
+        backend.save(step, state)
 
     def generate(step: int) -> Collected:
         fault_point("generate", step)
@@ -150,11 +166,11 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
                 )
             else:
                 t0 = time.perf_counter()
-                metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
-                metrics["time/update_s"] = time.perf_counter() - t0
-                # in one process the engine shares the policy's parameters; ranks gather the new full weights
-                metrics.update(distributed.sync_weights(train_model, rollout_model))
-                metrics.update(sync_engine_weights(local_engine, rollout_model))  # vLLM: its own copy
+                with collector.ahead(step + 1, last_step=cfg.trainer.total_steps):
+                    metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
+                    metrics["time/update_s"] = time.perf_counter() - t0
+                metrics.update(backend.sync_weights())  # the new weights to every engine
+            metrics.update(backend.step_metrics())
             metrics["time/step_s"] = time.perf_counter() - t_step
             metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
             metrics["perf/peak_rss_mb"] = peak_rss_mb()
@@ -179,7 +195,6 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
                 break
     if interrupted:
         log.close()
-        pool.close()
         message = stop_message(run_dir, saved, abandoned)
         if stop.requested():
             raise stop.stopped(message)
@@ -187,7 +202,6 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
 
     history["eval_after"] = run_eval(cfg.trainer.total_steps)
     log.close()
-    pool.close()
     before, after = history.get("eval_before", {}), history["eval_after"]
     if world.is_main:
         if before:
@@ -288,7 +302,7 @@ def make_collector(
     )
 
 
-def update_policy(cfg: Config, actor: Actor, groups: list[Group], tokenizer: Any) -> dict[str, float]:
+def update_policy(cfg: Config, actor: PolicyUpdater, groups: list[Group], tokenizer: Any) -> dict[str, float]:
     """Advantages, then the policy update on the kept groups; `actor/` metrics and the mismatch KL.
 
     Old log-probs are the engine's when `algorithm.use_rollout_logprobs`, else the update computes them
@@ -357,15 +371,14 @@ def save_checkpoint_of(
     )  # fmt: skip
 
 
-def resume(
+def restore_policy(
     cfg: Config,
     run_dir: Path,
     actor: Actor,
-    collector: Collector,
     world: distributed.World | None = None,
     full_model: torch.nn.Module | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """Restore weights, optimizer, collector and RNG from a checkpoint; returns (step, history).
+) -> Checkpoint | None:
+    """Restore weights, optimizer and this rank's RNG from `checkpoint.resume` (None: nothing to resume).
 
     With several ranks, rank 0 picks the checkpoint; each rank reads its shards of the model and optimizer
     (DCP reshards a checkpoint written by a different number of ranks) and its own RNG state.
@@ -373,7 +386,7 @@ def resume(
     world = world or distributed.World.single()
     mode = cfg.checkpoint.resume
     if mode == "none":
-        return 0, {}
+        return None
     from dapo.models import load_pretrained
 
     def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -387,7 +400,7 @@ def resume(
             found = newest[0].path if newest else None
         found = world.broadcast(found)
         if found is None:
-            return 0, {}
+            return None
         ckpt = load_checkpoint(found)
         distributed.load_training_state(actor.model, actor.optimizer, sharded_checkpoint(ckpt.path))
         actor.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
@@ -397,18 +410,151 @@ def resume(
         if mode == "auto":
             newest = latest_checkpoint(run_dir, load_weights)
             if newest is None:
-                return 0, {}
+                return None
             ckpt, weights = newest
         else:
             ckpt = load_checkpoint(Path(mode))
             weights = load_weights(ckpt.model_dir)
         actor.model.load_state_dict(weights)
         actor.load_state_dict(ckpt.optimizer)
-    collector.load_state_dict(ckpt.state["collector"])
     restore_rng(ckpt.state, world.rank)
     if world.is_main:
         print(f"resumed from {ckpt.path} (step {ckpt.state['step']})")
-    return int(ckpt.state["step"]), dict(ckpt.state.get("history", {}))
+    return ckpt
+
+
+def resume(
+    state: dict[str, Any] | None, collector: Collector | AheadCollector, world: distributed.World
+) -> tuple[int, dict[str, Any]]:
+    """(step, history) of a restored checkpoint's `state` (after `Backend.restore`), with the collector
+    restored; (0, {}) for a fresh run."""
+    if state is None:
+        return 0, {}
+    collector.load_state_dict(state["collector"])
+    if "driver_rng" in state:  # the Ray driver's own stream (its ranks restored theirs)
+        restore_rng({"rng": state["driver_rng"]})
+    return int(state["step"]), dict(state.get("history", {}))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends: where the policy update, generation and scoring run
+
+
+class PolicyUpdater(Protocol):
+    """What the loop needs of the trainer: `Actor.update` (an `Actor`, or the Ray trainer group)."""
+
+    def update(self, batch: TrainBatch) -> dict[str, float]: ...
+
+
+class Backend(Protocol):
+    """The parts the loop drives: built here (`LocalBackend`) or on a Ray cluster (`dapo.cluster`)."""
+
+    tokenizer: Any
+    model_dir: Path
+    layout: str
+    """How the parts are laid out, for the run's first line (", 2 data-parallel ranks")."""
+
+    @property
+    def engine(self) -> RolloutEngine: ...
+
+    @property
+    def score(self) -> Scorer: ...
+
+    @property
+    def actor(self) -> PolicyUpdater: ...
+
+    def sync_weights(self) -> dict[str, float]:
+        """After an update: the new weights to every engine; `time/weight_sync_s` and friends."""
+        ...
+
+    def step_metrics(self) -> dict[str, float]:
+        """The step's figures of the layout itself (Ray: worker restarts, remote timeouts)."""
+        ...
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        """Write step `step`'s checkpoint with the driver's `state` (collector, history)."""
+        ...
+
+    def restore(self) -> dict[str, Any] | None:
+        """Restore the policy from `checkpoint.resume` and sync the engines; the checkpoint's state."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_backend(cfg: Config, world: distributed.World, run_dir: Path) -> Backend:
+    if cfg.trainer.backend == "ray":
+        from dapo.cluster import RayBackend  # Ray is an optional extra: imported only in this mode
+
+        return RayBackend(cfg, run_dir)
+    return LocalBackend(cfg, world, run_dir)
+
+
+class Policy:
+    """The policy as the update sees it: the module to train, the full-weight module the engines read (the
+    same module in one process), the actor; its checkpoint written and restored. One per rank: built by
+    `LocalBackend` here, and by each Ray trainer rank (`dapo.cluster`)."""
+
+    def __init__(self, cfg: Config, world: distributed.World, run_dir: Path) -> None:
+        self.cfg, self.world, self.run_dir = cfg, world, run_dir
+        model, self.tokenizer, self.model_dir = components.load_policy(
+            cfg.model, device=world.device if world.distributed else None
+        )
+        torch.manual_seed(
+            cfg.trainer.seed
+        )  # after the policy: however it was loaded (or built), the same state
+        # one module in one process; FSDP2 shards to train and a full copy to generate with on each rank
+        self.train_model, self.full_model = distributed.parallelize(model, world)
+        self.actor = make_actor(cfg, self.train_model, world)
+
+    def gather_weights(self) -> dict[str, float]:
+        """The updated shards into the full-weight copy (ranks); nothing in one process."""
+        return distributed.sync_weights(self.train_model, self.full_model)
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        save_checkpoint_of(
+            self.cfg, self.run_dir, step, self.actor, state, self.full_model, self.tokenizer, self.world
+        )
+
+    def restore(self) -> Checkpoint | None:
+        return restore_policy(self.cfg, self.run_dir, self.actor, self.world, self.full_model)
+
+
+class LocalBackend:
+    """This process (or each torchrun rank): the policy, an engine on its full weights, the reward pool."""
+
+    def __init__(self, cfg: Config, world: distributed.World, run_dir: Path) -> None:
+        self.policy = Policy(cfg, world, run_dir)
+        self.tokenizer, self.model_dir = self.policy.tokenizer, self.policy.model_dir
+        self.layout = f", {world.size} data-parallel ranks" if world.distributed else ""
+        self.local_engine = components.make_engine(cfg.rollout, self.policy.full_model, self.tokenizer)
+        self.engine: RolloutEngine = distributed.ShardedEngine(self.local_engine, world)
+        self.pool = components.make_reward_pool(cfg.reward)
+        self.score: Scorer = distributed.ShardedScorer(self.pool.score, world)
+        self.actor: PolicyUpdater = self.policy.actor
+
+    def sync_weights(self) -> dict[str, float]:
+        # in one process the engine shares the policy's parameters; ranks gather the new full weights
+        metrics = self.policy.gather_weights()
+        metrics.update(sync_engine_weights(self.local_engine, self.policy.full_model))  # vLLM: its own copy
+        return metrics
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        self.policy.save(step, state)
+
+    def restore(self) -> dict[str, Any] | None:
+        ckpt = self.policy.restore()
+        if ckpt is None:
+            return None
+        # an engine with its own copy of the weights (vLLM) was built before they were loaded
+        sync_engine_weights(self.local_engine, self.policy.full_model)
+        return dict(ckpt.state)
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 def format_before_after(before: dict[str, float], after: dict[str, float], k: int) -> str:
