@@ -31,6 +31,7 @@ from dapo.config import Config, ConfigError, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
 from dapo.logger import NullLogger, RunLogger, environment_info, peak_rss_mb
+from dapo.models import kernels
 from dapo.preempt import Stopped, StopSignal, fault_point, stop_message
 from dapo.rollout.base import RolloutEngine, SamplingParams, WeightSyncedEngine
 from dapo.train import Actor
@@ -74,7 +75,9 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
     eval_set = load_eval_set(cfg, tokenizer)
     # one module in one process; FSDP2 shards to train and a full copy to generate with on each rank
     train_model, rollout_model = distributed.parallelize(model, world)
-    local_engine = components.make_engine(cfg.rollout, rollout_model, tokenizer)
+    local_engine = components.make_engine(
+        cfg.rollout, rollout_model, tokenizer, precision=cfg.actor.precision
+    )
     engine = distributed.ShardedEngine(local_engine, world)
     pool = components.make_reward_pool(cfg.reward)
     score = distributed.ShardedScorer(pool.score, world)
@@ -165,6 +168,8 @@ def run(cfg: Config, world: distributed.World) -> TrainResult:
             ):
                 run_eval(step)
             log.log(step, metrics)
+            if step == start_step + 1:  # the kernels the first step chose (`dapo.models.kernels`)
+                log.message(f"kernels: {kernels.describe()}")
             stopping = stop_requested()
             if (
                 (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
