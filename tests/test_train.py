@@ -290,7 +290,7 @@ def test_bf16_mixed_keeps_float32_masters_and_matches_the_float32_update() -> No
         mb = batch.rows(slice(0, 8))
         loss, _ = actor._micro_loss(mb, float(mb.response_mask.sum()))
         loss.backward()
-        losses[name] = float(loss)
+        losses[name] = float(loss.detach())
         grads[name] = torch.cat([p.grad.flatten() for p in actor.model.parameters() if p.grad is not None])
         actor.optimizer.zero_grad(set_to_none=True)
     assert losses["bf16-mixed"] == pytest.approx(losses["model"], rel=0.02)
