@@ -49,7 +49,7 @@ def test_the_faster_candidate_wins_and_is_cached_in_process_and_on_disk(fresh: P
     kernels._disk = None  # a new process on the same machine: read from the file, no timing
     assert kernels.decide("linear", torch.float32, (64, 8, 8, 0), slow_default) == "aten"
     assert calls == []
-    assert "linear:float32:64x8x8x0=aten" in kernels.describe()
+    assert "shape classes decided: linear:float32 aten x1;" in kernels.describe()
 
 
 def test_near_ties_and_failures_keep_the_default() -> None:

@@ -163,8 +163,14 @@ def rows_class(rows: int) -> int:
 
 def describe() -> str:
     """The mode and this process's decisions so far, one line (logged with a run, printed by benchmarks)."""
-    made = ", ".join(f"{k}={v}" for k, v in sorted(_decided.items()))
-    return f"{ENV}={mode()}; decisions: {made or 'none yet'}; cache {_cache_file()}"
+    counts: dict[str, dict[str, int]] = {}
+    for key, value in _decided.items():  # key: choice:dtype:shape
+        group = counts.setdefault(":".join(key.split(":")[:2]), {})
+        group[value] = group.get(value, 0) + 1
+    made = ", ".join(
+        f"{k} " + "/".join(f"{v} x{n}" for v, n in sorted(c.items())) for k, c in sorted(counts.items())
+    )
+    return f"{ENV}={mode()}; shape classes decided: {made or 'none yet'}; per shape in {_cache_file()}"
 
 
 def cpu_info() -> dict[str, object]:
