@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dapo.config import load_config
+from dapo.errors import UserError
 from dapo.models import kernels
+from dapo.preflight import check_train
 
 
 @pytest.fixture(autouse=True)
@@ -103,8 +106,10 @@ def test_forced_by_environment_and_context(monkeypatch: pytest.MonkeyPatch) -> N
         assert kernels.mode() == "linear=onednn,decode=sdpa"
     assert kernels.decide("linear", torch.float32, (1,), never) == "aten"
     monkeypatch.setenv(kernels.ENV, "linear=mkl")
-    with pytest.raises(ValueError, match=r"DAPO_KERNELS='linear=mkl': bad item 'linear=mkl'; allowed: .*"):
+    with pytest.raises(UserError, match=r"DAPO_KERNELS='linear=mkl': bad item 'linear=mkl'; allowed: .*"):
         kernels.decide("linear", torch.float32, (1,), never)
+    with pytest.raises(UserError, match="DAPO_KERNELS"):  # `dapo train` says so before building anything
+        check_train(load_config("tiny"))
     with pytest.raises(ValueError, match=r"kernels\.forced: attention='bf16'"):
         kernels.forced(attention="bf16").__enter__()
 

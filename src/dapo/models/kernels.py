@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dapo.errors import UserError
+
 __all__ = ["CHOICES", "cpu_info", "decide", "describe", "forced", "machine_line", "mode"]
 
 ENV = "DAPO_KERNELS"
@@ -74,6 +76,10 @@ def _default(choice: str, dtype: torch.dtype) -> str:
     return CHOICES[choice][0]
 
 
+class KernelsError(UserError, ValueError):
+    """A bad ``DAPO_KERNELS`` value (a user error: one line on the command line)."""
+
+
 def _env() -> tuple[str, dict[str, str]]:
     """(mode, forced choices) from ``DAPO_KERNELS``; a clear error for anything else."""
     raw = os.environ.get(ENV, "measure").strip()
@@ -84,7 +90,7 @@ def _env() -> tuple[str, dict[str, str]]:
         name, _, value = item.strip().partition("=")
         if name not in CHOICES or value not in CHOICES[name]:
             allowed = "; ".join(f"{k}={'|'.join(v)}" for k, v in CHOICES.items())
-            raise ValueError(
+            raise KernelsError(
                 f"{ENV}={raw!r}: bad item {item!r}; allowed: 'measure', 'default' or items {allowed}"
             )
         out[name] = value
