@@ -20,6 +20,7 @@ from dapo.preflight import check_train
 def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No decisions in the process, an empty cache directory, no DAPO_KERNELS."""
     monkeypatch.setattr(kernels, "_decided", {})
+    monkeypatch.setattr(kernels, "_known", {})
     monkeypatch.setattr(kernels, "_disk", None)
     monkeypatch.setenv("DAPO_CACHE", str(tmp_path))
     monkeypatch.delenv(kernels.ENV, raising=False)
@@ -49,6 +50,7 @@ def test_the_faster_candidate_wins_and_is_cached_in_process_and_on_disk(fresh: P
     assert saved["decisions"] == {"linear:float32:64x8x8x0": "aten"}
     assert saved["machine"]["cpu"] == kernels.cpu_info()["cpu"]
     kernels._decided.clear()
+    kernels._known.clear()
     kernels._disk = None  # a new process on the same machine: read from the file, no timing
     assert kernels.decide("linear", torch.float32, (64, 8, 8, 0), slow_default) == "aten"
     assert calls == []

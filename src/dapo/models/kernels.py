@@ -30,6 +30,7 @@ nothing is timed: ATen, the input dtype and SDPA.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,8 @@ _TIE = 0.03
 
 _decided: dict[str, str] = {}
 """Decisions of this process by key (measured, read from the cache file, or forced)."""
+_known: dict[tuple[str, torch.dtype, tuple[int, ...]], str] = {}
+"""`_decided` by (choice, dtype, shape) tuples, for the hot path."""
 _forced: dict[str, str] = {}
 """Choices forced by `forced` (tests), over ``DAPO_KERNELS``."""
 _disk: dict[str, str] | None = None
@@ -82,7 +85,12 @@ class KernelsError(UserError, ValueError):
 
 def _env() -> tuple[str, dict[str, str]]:
     """(mode, forced choices) from ``DAPO_KERNELS``; a clear error for anything else."""
-    raw = os.environ.get(ENV, "measure").strip()
+    return _parse(os.environ.get(ENV, "measure"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(raw: str) -> tuple[str, dict[str, str]]:
+    raw = raw.strip()
     if raw in ("measure", "default", ""):
         return raw or "measure", {}
     out = {}
@@ -131,14 +139,16 @@ def decide(
         return env[choice]
     if m == "default":
         return _default(choice, dtype)
+    fast = (choice, dtype, shape)  # called on every matmul of a decode step: no string building then
+    if fast in _known:
+        return _known[fast]
     key = f"{choice}:{str(dtype).removeprefix('torch.')}:{'x'.join(map(str, shape))}"
     hit = _decided.get(key) or _load().get(key)
-    if hit in CHOICES[choice]:
-        _decided[key] = hit
-        return hit
-    _decided[key] = _measure(choice, dtype, timer)
-    _save(key, _decided[key])
-    return _decided[key]
+    if hit not in CHOICES[choice]:
+        hit = _measure(choice, dtype, timer)
+        _save(key, hit)
+    _decided[key] = _known[fast] = hit
+    return hit
 
 
 def _measure(choice: str, dtype: torch.dtype, timer: Callable[[str], Callable[[], object]]) -> str:
