@@ -57,10 +57,19 @@ def test_the_faster_candidate_wins_and_is_cached_in_process_and_on_disk(fresh: P
     assert "shape classes decided: linear:float32 aten x1;" in kernels.describe()
 
 
-def test_near_ties_and_failures_keep_the_default() -> None:
+def test_near_ties_and_failures_keep_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    tie = sleeper({"float32": 0.002, "native": 0.002 * 0.99}, calls)  # 1% faster: within the 3% margin
-    assert kernels.decide("attention", torch.bfloat16, (1,), tie) == "float32"
+    clock = [0.0]  # a fake clock: each candidate's run advances it by exactly its cost
+
+    def costs(seconds: dict[str, float]) -> Callable[[str], Callable[[], object]]:
+        return lambda candidate: lambda: clock.__setitem__(0, clock[0] + seconds[candidate])
+
+    with monkeypatch.context() as m:
+        m.setattr(kernels.time, "perf_counter", lambda: clock[0])
+        slightly = costs({"float32": 1.0, "native": 0.98})  # 2% faster: within the 3% margin
+        assert kernels.decide("attention", torch.bfloat16, (1,), slightly) == "float32"
+        clearly = costs({"float32": 1.0, "native": 0.96})
+        assert kernels.decide("attention", torch.bfloat16, (2,), clearly) == "native"
 
     def broken(candidate: str) -> Callable[[], object]:
         def run() -> object:
