@@ -1,7 +1,12 @@
 """One RL step: dapo's DAPO step against TRL's ``GRPOTrainer`` step on identical work, on the CPU.
 
     python bench/rl_step.py [--size tiny|25m|all] [--steps 5] [--warmup 1] [--threads N]
-                            [--trl-retain-freed-memory] [--engine native|vllm] [--no-trl]
+                            [--trl-retain-freed-memory] [--engine native|vllm] [--no-trl] [--bf16]
+
+``--bf16``: dapo runs ``actor.precision=bf16-mixed`` (float32 master weights, bf16 autocast, bf16 sampling)
+and TRL its bf16 setting (``bf16=True``: accelerate's bf16 autocast over float32 weights, generation
+included); without it both sides run float32. The script prints the CPU model, its ISA extensions and the
+kernel choices dapo's model made (`dapo.models.kernels`).
 
 Workload (per step, both sides): the same 8 prompts of the built-in arithmetic task, chat-templated by dapo
 (~70 tokens; TRL gets them as text and re-tokenizes them to the same ids, checked), G = 8 responses each, at
@@ -66,6 +71,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from dapo import algo, components
 from dapo.config import Config, load_config
 from dapo.data import PromptSampler
+from dapo.models import kernels
 from dapo.models.tiny import ensure_tiny_model
 from dapo.rewards import RewardPool
 from dapo.trainer import make_actor, make_collector, sync_engine_weights, update_policy
@@ -137,7 +143,7 @@ def dapo_step_times(cfg: Config, steps: int, warmup: int) -> list[dict[str, floa
     model, tokenizer, _ = components.load_policy(cfg.model)
     examples = components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
     prompts = components.tokenize_prompts(examples[:PROMPTS], tokenizer, cfg.data.max_prompt_length)
-    engine = components.make_engine(cfg.rollout, model, tokenizer)
+    engine = components.make_engine(cfg.rollout, model, tokenizer, precision=cfg.actor.precision)
     scorer = components.make_reward_pool(cfg.reward)
     actor = make_actor(cfg, model)
     # the same 8 prompts every step
@@ -165,6 +171,7 @@ def dapo_step_times(cfg: Config, steps: int, warmup: int) -> list[dict[str, floa
             }
         )
     scorer.close()
+    print(f"  dapo {kernels.describe()}", flush=True)
     return rows[warmup:]
 
 
@@ -259,7 +266,8 @@ def grpo_trainer(
         max_completion_length=cfg.rollout.max_response_length,
         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=0, loss_type="dapo",
         epsilon=cfg.algorithm.eps_low, epsilon_high=cfg.algorithm.eps_high, beta=0.0, scale_rewards="group",
-        mask_truncated_completions=cfg.algorithm.overlong_filter, use_vllm=False, use_cpu=True, bf16=False,
+        mask_truncated_completions=cfg.algorithm.overlong_filter, use_vllm=False, use_cpu=True,
+        bf16=cfg.actor.precision == "bf16-mixed",
         fp16=False, activation_checkpointing=False, learning_rate=a.lr, adam_beta1=a.betas[0],
         adam_beta2=a.betas[1], adam_epsilon=1e-8, weight_decay=a.weight_decay, max_grad_norm=a.grad_clip,
         lr_scheduler_type="constant", warmup_steps=0, shuffle_dataset=shuffle, seed=cfg.trainer.seed,
@@ -334,6 +342,8 @@ def run_side(side: str, size: str, path: Path, args: argparse.Namespace, out: Pa
     """One side's measured steps, run in a fresh Python process (this script with ``--side``)."""
     cmd = [sys.executable, __file__, "--side", side, "--size", size, "--model", str(path), "--out", str(out)]
     cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--engine", args.engine]
+    if args.bf16:
+        cmd += ["--bf16"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.trl_retain_freed_memory:
@@ -346,7 +356,11 @@ def run_side(side: str, size: str, path: Path, args: argparse.Namespace, out: Pa
 def side_main(args: argparse.Namespace) -> None:
     """Child process: run one side, write its rows as JSON."""
     path, out = Path(args.model), Path(args.out)
-    cfg = load_config("tiny", [*OVERRIDES, f"model.path={path}", f"rollout.engine={args.engine}"])
+    precision = "bf16-mixed" if args.bf16 else "model"
+    cfg = load_config(
+        "tiny",
+        [*OVERRIDES, f"model.path={path}", f"rollout.engine={args.engine}", f"actor.precision={precision}"],
+    )
     if args.side == "dapo":
         rows = dapo_step_times(cfg, args.steps, args.warmup)
     else:
@@ -399,6 +413,9 @@ def main() -> None:
         "--engine", choices=["native", "vllm"], default="native", help="dapo's rollout.engine"
     )
     parser.add_argument("--no-trl", action="store_true", help="time dapo's side only (no TRL needed)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="dapo actor.precision=bf16-mixed, TRL bf16=True (else float32)"
+    )
     parser.add_argument("--side", choices=["dapo", "trl"], help=argparse.SUPPRESS)  # child process
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -424,8 +441,10 @@ def main() -> None:
 
         versions += f", trl {trl.__version__}"
     print(f"{versions}, {torch.get_num_threads()} threads")
+    print(kernels.machine_line())
+    precision = "bf16 (dapo bf16-mixed, TRL bf16=True)" if args.bf16 else "float32"
     print(
-        f"{PROMPTS} prompts x {G} responses, <= {NEW_TOKENS} new tokens, T=1, float32 on CPU, dynamic "
+        f"{PROMPTS} prompts x {G} responses, <= {NEW_TOKENS} new tokens, T=1, {precision} on CPU, dynamic "
         f"sampling off; median of {args.steps} steps after {args.warmup} warm-up; each side in its own "
         "process"
     )

@@ -35,7 +35,7 @@ import torch
 import transformers
 
 import dapo.models.transformer as model_code
-from dapo.models import CausalLM, load_pretrained
+from dapo.models import CausalLM, kernels, load_pretrained
 from dapo.rollout import NativeEngine, RolloutEngine, SamplingParams
 
 SIZES: dict[str, dict[str, int]] = {
@@ -209,6 +209,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads")
+    print(kernels.machine_line())
     print(
         f"prompts of {MIN_LEN}-{MAX_LEN} tokens ({BATCH} distinct, or {BATCH // GROUP} x n={GROUP}), "
         f"{NEW_TOKENS} new tokens, T=1, median of {args.repeats}"
@@ -231,6 +232,7 @@ def main() -> None:
             ]
             for dt in dtypes:
                 bench(size, getattr(torch, dt), workloads, engines, args, Path(tmp))
+    print(kernels.describe())
 
 
 if __name__ == "__main__":

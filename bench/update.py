@@ -1,7 +1,12 @@
 """Policy-update throughput: dapo's native model against transformers' in the same `Actor` update step.
 
-    python bench/update.py [--size tiny|3m|25m|all] [--dtype float32|bfloat16|all] [--repeats 5]
+    python bench/update.py [--size tiny|3m|25m|all] [--dtype float32|bfloat16|bf16-mixed|all] [--repeats 5]
                            [--threads N] [--micro-batch-size 8] [--profile]
+
+``--dtype bf16-mixed`` loads both models in float32 and runs both actors with ``actor.precision=bf16-mixed``
+(bf16 autocast over float32 master weights and AdamW states); its peak is the bf16 one. The script prints
+the CPU model, the ISA extensions the kernels depend on, and the kernel choices dapo's model made
+(`dapo.models.kernels`; ``DAPO_KERNELS`` forces them).
 
 Workload: one DAPO training step's batch, 8 prompts x 8 responses (prompts of random lengths 32-64 tokens,
 responses of random lengths 16-128 tokens, random 0/1 rewards with every group mixed, so the group-relative
@@ -55,14 +60,16 @@ from torch import nn
 
 from dapo.collect import Group, make_train_batch
 from dapo.config import ActorConfig, AlgorithmConfig
-from dapo.models import CausalLM, HFCausalLM, load_pretrained
+from dapo.models import CausalLM, HFCausalLM, kernels, load_pretrained
 from dapo.models.tiny import ensure_tiny_model
 from dapo.train import Actor, TrainBatch
 
 PROMPTS, GROUP, MIN_PROMPT, MAX_PROMPT, MIN_RESPONSE, MAX_RESPONSE = 8, 8, 32, 64, 16, 128
 PAD = 0  # the tiny model's pad id; random token ids are drawn from [1, vocab)
 PEAK_N = 2048
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16-mixed": torch.float32}
+"""Parameter dtype per ``--dtype``; bf16-mixed computes in bf16 (`COMPUTE`) with `actor.precision`."""
+COMPUTE = {**DTYPES, "bf16-mixed": torch.bfloat16}
 
 
 def checkpoint(size: str, root: Path) -> Path:
@@ -147,8 +154,11 @@ def measure_peak(dtype: torch.dtype, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def make_actor(model: nn.Module, micro: int) -> Actor:
-    cfg = ActorConfig(lr=1e-6, warmup_steps=0, mini_batch_size=PROMPTS * GROUP, micro_batch_size=micro)
+def make_actor(model: nn.Module, micro: int, precision: str) -> Actor:
+    cfg = ActorConfig(
+        lr=1e-6, warmup_steps=0, mini_batch_size=PROMPTS * GROUP, micro_batch_size=micro,
+        precision=precision,  # type: ignore[arg-type]
+    )  # fmt: skip
     return Actor(model, cfg, AlgorithmConfig(), temperature=1.0, max_response_length=MAX_RESPONSE)
 
 
@@ -187,7 +197,8 @@ def bench(
     tokens = row_tokens(batch)
     flops = {"native": update_flops(native, batch, shared=True)}
     flops["transformers"] = update_flops(native, batch, shared=False)
-    actors = {"native": make_actor(native, micro), "transformers": make_actor(hf, micro)}
+    precision = "bf16-mixed" if dtype_name == "bf16-mixed" else "model"
+    actors = {k: make_actor(m, micro, precision) for k, m in (("native", native), ("transformers", hf))}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in actors}
     for actor in actors.values():
         step(actor, batch)  # warm-up (also allocates the AdamW state)
@@ -217,6 +228,7 @@ def bench(
         f"tok/s, transformers {lp['transformers']:.0f} tok/s ({lp['native'] / lp['transformers']:.2f}x); "
         f"update runs: {runs}"
     )
+    print(f"{'':<24} {kernels.describe()}")
     if prof:
         print(f"profile: native update, {label}")
         profile(actors["native"], batch)
@@ -239,8 +251,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {threads} threads")
+    print(kernels.machine_line())
     dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
-    peaks = {name: measure_peak(DTYPES[name]) for name in dtypes}
+    measured = {d: measure_peak(d) for d in dict.fromkeys(COMPUTE[name] for name in dtypes)}
+    peaks = {name: measured[COMPUTE[name]] for name in dtypes}  # bf16-mixed: the bf16 peak
     for name in dtypes:
         text = ", ".join(f"{k} {v:.0f}" for k, v in peaks[name].items())
         print(f"peak {name}: {max(peaks[name].values()):.0f} GFLOP/s ({PEAK_N}^3 matmul: {text})")

@@ -99,12 +99,22 @@ def test_overrides_are_typed() -> None:
         ("reward.overlong_cache_length=1000", "reward.overlong_cache_length: invalid value 1000"),
         ("lr", "expected the form key.path=value"),
         ("rollout.engine=hf", "'hf' only with model.implementation=hf"),
+        ("actor.precision=fp16", "actor.precision: invalid value 'fp16'; allowed: 'model', 'bf16-mixed'"),
     ],
 )
 def test_validation_errors_name_key_value_and_allowed(override: str, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("tiny", [override])
     assert expected in str(err.value)
+
+
+def test_bf16_mixed_needs_float32_masters_and_the_native_engine() -> None:
+    assert load_config("tiny", ["actor.precision=bf16-mixed"]).actor.precision == "bf16-mixed"
+    for override, got in (("model.dtype=bfloat16", "got bfloat16"), ("rollout.engine=vllm", "got vllm")):
+        with pytest.raises(ConfigError) as err:
+            load_config("tiny", ["actor.precision=bf16-mixed", override])
+        assert "actor.precision: invalid value 'bf16-mixed'; allowed: 'bf16-mixed' only" in str(err.value)
+        assert got in str(err.value)
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -121,3 +121,19 @@ def test_default_recipe_learns_on_a_short_run(tiny_model_dir: Path, tmp_path: Pa
     assert len(evals) == 2, evals
     before, after = evals
     assert after - before >= 0.05, (before, after)
+
+
+def test_bf16_mixed_run_samples_in_bf16_and_logs_its_kernels(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`actor.precision=bf16-mixed` end to end: the run trains, the bf16 sampler's log-probs differ from the
+    trainer's by bf16 rounding only (mismatch KL in (1e-6, 1e-2) at every step), and env.json and the log
+    name the CPU and the kernel choices."""
+    run = dapo_train(
+        [*SHORT, "actor.precision=bf16-mixed", f"trainer.output_dir={tmp_path}", "trainer.run_name=m"]
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    kl = [r["rollout/mismatch_kl"] for r in rows if "rollout/mismatch_kl" in r]
+    assert len(kl) == 4 and all(1e-6 < k < 1e-2 for k in kl), kl
+    env = json.loads((tmp_path / "m" / "env.json").read_text())
+    assert env["cpu"]["cpu"] and env["kernels"].startswith("DAPO_KERNELS=")
+    assert "kernels: DAPO_KERNELS=" in run.stdout + run.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +25,9 @@ from dapo.models import (
     resolve_dtype,
     save_pretrained,
 )
-from dapo.models.transformer import _FUSABLE, _onednn_inference, _packed
+from dapo.models.transformer import _FUSABLE, _onednn, _packed
+
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every test on every kernel path (conftest)
 
 COMMON: dict[str, Any] = {
     "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -206,10 +208,11 @@ def test_packed_weights_change_summation_order_only(hf_dir: Path, dtype: str) ->
         with ours.packed_weights(ids.numel()):
             packed = ours(ids).float()
             w = ours.model.layers[0].self_attn.q_proj.weight
-            x = torch.ones(16, w.shape[1], dtype=w.dtype)
-            if w.dtype in _FUSABLE:  # 16+ row matmuls read the copies (fewer rows: the parameter)
-                assert _onednn_inference(x, w) and not _onednn_inference(x[:15], w)
-                assert cast(torch.Tensor, _packed(w)).is_mkldnn
+            x = torch.ones(ids.numel(), w.shape[1], dtype=w.dtype)
+            if w.dtype in _FUSABLE:  # a copy exactly where its matmul (16+ rows) was measured faster
+                assert not _onednn(x[:15], w, packed=True)
+                copy = _packed(w)
+                assert (copy is not None and copy.is_mkldnn) == _onednn(x, w, packed=True)
     tol = 1e-4 if dtype == "float32" else 0.1 * plain.abs().max().item()
     assert (packed - plain).abs().max() <= tol
     with ours.packed_weights(ids.numel()):  # with gradients the parameters themselves are used

@@ -14,6 +14,8 @@ from dapo.models import CausalLM, HFCausalLM, load_pretrained
 from dapo.rollout import Completion, HFEngine, NativeEngine, RolloutEngine, SamplingParams, sample_tokens
 from dapo.rollout import native as native_module
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every test on every kernel path (conftest)
+
 PAD = 0
 PROMPTS = [[5, 17, 99, 3, 64, 8, 120], [7, 31], [88, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12], [42, 43, 44, 45]]
 
@@ -203,6 +205,32 @@ def test_weight_updates_are_visible(ckpt: Path) -> None:
     assert [c.token_ids for c in engine.generate(PROMPTS, sp)] == before
     with pytest.raises(ValueError, match="unexpected"):
         engine.load_weights({**original, "model.bogus": torch.zeros(1)})
+
+
+def test_bf16_sampling_from_float32_weights(ckpt: Path) -> None:
+    """``dtype=bfloat16`` on a float32 policy (``actor.precision=bf16-mixed``) samples exactly as the policy
+    cast to bf16 would, from its current weights at every `generate`, and leaves the float32 weights as
+    they are."""
+    model = load_pretrained(ckpt)
+    assert isinstance(model, CausalLM)
+    engine = NativeEngine(model, pad_token_id=PAD, dtype=torch.bfloat16)
+    sp = SamplingParams(n=5, temperature=1.0, max_tokens=8, seed=4)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def as_bf16() -> list[Completion]:
+        cast = load_pretrained(ckpt, dtype="bfloat16")
+        cast.load_state_dict(model.state_dict())
+        return NativeEngine(cast, pad_token_id=PAD).generate(PROMPTS, sp)  # type: ignore[arg-type]
+
+    got, expected = engine.generate(PROMPTS, sp), as_bf16()
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    assert [c.logprobs for c in got] == [c.logprobs for c in expected]
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():  # an optimizer step on the float32 masters reaches the next generate
+        model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
+    changed = engine.generate(PROMPTS, sp)
+    assert [c.token_ids for c in changed] != [c.token_ids for c in got]
+    assert [c.token_ids for c in changed] == [c.token_ids for c in as_bf16()]
 
 
 def test_training_after_generation(ckpt: Path) -> None:

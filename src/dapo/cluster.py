@@ -219,7 +219,9 @@ class RolloutWorker:
         self.model, tokenizer, _ = components.load_policy(cfg.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.engine = components.make_engine(cfg.rollout, self.model, tokenizer)
+        self.engine = components.make_engine(
+            cfg.rollout, self.model, tokenizer, precision=cfg.actor.precision
+        )
         self.group: Any = None
         self.version = 0
 

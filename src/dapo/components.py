@@ -105,8 +105,11 @@ def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
-def make_engine(cfg: RolloutConfig, model: nn.Module, tokenizer: Any) -> RolloutEngine:
-    """The rollout engine named by `rollout.engine`, sharing the policy's weights where it can."""
+def make_engine(
+    cfg: RolloutConfig, model: nn.Module, tokenizer: Any, *, precision: str = "model"
+) -> RolloutEngine:
+    """The rollout engine named by `rollout.engine`, sharing the policy's weights where it can;
+    ``precision`` is `actor.precision` (``bf16-mixed``: the native engine samples in bf16)."""
     if cfg.engine == "native":
         from dapo.rollout.native import NativeEngine
 
@@ -114,6 +117,7 @@ def make_engine(cfg: RolloutConfig, model: nn.Module, tokenizer: Any) -> Rollout
             model,  # type: ignore[arg-type]
             pad_token_id=pad_token_id(tokenizer),
             max_batch_size=cfg.max_batch_size or None,
+            dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
         )
     if cfg.engine == "hf":
         from dapo.rollout.hf import HFEngine

@@ -261,6 +261,12 @@ class ActorConfig:
     mini-batch)."""
     epochs: int = 1
     """Passes over each step's batch (paper: 1)."""
+    precision: Literal["model", "bf16-mixed"] = "model"
+    """"model": every tensor in `model.dtype`. "bf16-mixed": float32 master weights and AdamW states
+    (`model.dtype` must be float32), the model's matmuls and attention in bf16 under autocast, the loss
+    maths of `dapo.algo` in float32; the native engine samples in bf16 from a copy of the same weights
+    (`rollout/mismatch_kl` measures the difference; `algorithm.rollout_is_cap` corrects for it). Faster
+    only where bf16 matmuls are (CPUs with AMX, GPUs): see docs/benchmarks.md."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "actor.lr", self.lr, "a number > 0")
@@ -408,6 +414,14 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        if self.actor.precision == "bf16-mixed":
+            _check(
+                self.model.dtype == "float32" and self.rollout.engine == "native",
+                "actor.precision",
+                self.actor.precision,
+                f"'bf16-mixed' only with model.dtype=float32 (the master weights; got {self.model.dtype})"
+                f" and rollout.engine=native (got {self.rollout.engine}); else 'model'",
+            )
         resp = self.rollout.max_response_length
         if self.reward.soft_overlong_punishment:
             _check(

@@ -166,6 +166,7 @@ def environment_info() -> dict[str, Any]:
     import transformers
 
     from dapo import __version__
+    from dapo.models import kernels
 
     return {
         "dapo": __version__,
@@ -176,5 +177,7 @@ def environment_info() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
+        "cpu": kernels.cpu_info(),
+        "kernels": kernels.describe(),  # the mode and cache file; the first step's choices are logged
         "argv": sys.argv,
     }

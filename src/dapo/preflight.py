@@ -20,6 +20,7 @@ from dapo.checkpoint import check_complete
 from dapo.config import Config, ConfigError, DataConfig
 from dapo.data.dataset import DataError, check_file
 from dapo.errors import UserError
+from dapo.models import kernels
 
 
 def check_train(cfg: Config) -> None:
@@ -33,6 +34,7 @@ def check_train(cfg: Config) -> None:
     check_reward_function(cfg.reward.function)
     check_engine(cfg.rollout.engine)
     check_backend(cfg.trainer.backend)
+    kernels.mode()  # a bad DAPO_KERNELS environment variable: one line now, not in the first forward
     check_output_dir(cfg.trainer.output_dir)
 
 

@@ -40,6 +40,7 @@ from dapo.config import Config, ConfigError, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
 from dapo.logger import NullLogger, RunLogger, environment_info, peak_rss_mb
+from dapo.models import kernels
 from dapo.preempt import Stopped, StopSignal, fault_point, stop_message
 from dapo.rollout.base import RolloutEngine, SamplingParams, WeightSyncedEngine
 from dapo.train import Actor, TrainBatch
@@ -181,6 +182,8 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
             ):
                 run_eval(step)
             log.log(step, metrics)
+            if step == start_step + 1:  # the kernels the first step chose (`dapo.models.kernels`)
+                log.message(f"kernels: {kernels.describe()}")
             stopping = stop_requested()
             if (
                 (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
@@ -527,7 +530,9 @@ class LocalBackend:
         self.policy = Policy(cfg, world, run_dir)
         self.tokenizer, self.model_dir = self.policy.tokenizer, self.policy.model_dir
         self.layout = f", {world.size} data-parallel ranks" if world.distributed else ""
-        self.local_engine = components.make_engine(cfg.rollout, self.policy.full_model, self.tokenizer)
+        self.local_engine = components.make_engine(
+            cfg.rollout, self.policy.full_model, self.tokenizer, precision=cfg.actor.precision
+        )
         self.engine: RolloutEngine = distributed.ShardedEngine(self.local_engine, world)
         self.pool = components.make_reward_pool(cfg.reward)
         self.score: Scorer = distributed.ShardedScorer(self.pool.score, world)

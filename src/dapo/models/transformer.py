@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from dapo.models import kernels
 from dapo.models.config import ModelArgs
 
 __all__ = ["CausalLM", "KVCache", "forward_responses_unshared"]
@@ -167,27 +169,6 @@ _ONEDNN_FP32 = _probe_onednn()
 """Whether oneDNN's float32 matmul is usable (PyTorch built with mkldnn, as the x86 and arm64 wheels are)."""
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``; float32 on CPU with 16+ rows goes through oneDNN instead of MKL's sgemm.
-
-    MKL's sgemm runs AVX2 kernels on AMD CPUs; oneDNN's AVX-512 ones measured 2.2x faster (450 vs 200 GFLOPS
-    on 2 cores) on the EPYC (Zen 5) this was tuned on. Results differ from MKL's by float32 summation order.
-    The op has no autograd formula, so training goes through `_OneDNNLinear`, which supplies one. Inside
-    `CausalLM.packed_weights` a prepacked copy of ``weight`` is used when there is one.
-    """
-    packed = _packed(weight) if _onednn_inference(x, weight) else None
-    if packed is not None:
-        out: Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        return out
-    if _ONEDNN_FP32 and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() >= 16 * x.shape[-1]:
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            out = _OneDNNLinear.apply(x, weight, bias)
-        else:
-            out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return out
-    return F.linear(x, weight, bias)
-
-
 def _onednn_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -196,21 +177,77 @@ def _onednn_bf16() -> bool:
 
 
 _FUSABLE = (torch.float32,) * _ONEDNN_FP32 + (torch.bfloat16,) * (_ONEDNN_FP32 and _onednn_bf16())
-"""Dtypes whose CPU matmuls may take a fused elementwise post-op (`_linear_then`) or a prepacked weight."""
+"""Dtypes whose CPU matmuls oneDNN can run, with a fused elementwise post-op (`_linear_then`) or a prepacked
+weight; whether it does is the measured kernel choice (`dapo.models.kernels`, `_onednn`)."""
 
 _PACKED: contextvars.ContextVar[dict[int, Tensor] | None] = contextvars.ContextVar("packed", default=None)
 """Prepacked weights by ``id`` of the parameter, inside `CausalLM.packed_weights` (else None)."""
 
 
-def _onednn_inference(x: Tensor, weight: Tensor) -> bool:
-    """Whether ``x @ weight.T`` may use oneDNN's inference extras (post-ops, a prepacked weight): on CPU, a
-    dtype in `_FUSABLE`, 16+ rows, and no gradient needed."""
-    return (
-        x.dtype in _FUSABLE
-        and x.device.type == "cpu"
-        and x.numel() >= 16 * x.shape[-1]
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+def _needs_grad(x: Tensor, weight: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+def _onednn(x: Tensor, weight: Tensor, *, packed: bool = False) -> bool:
+    """Whether ``x @ weight.T`` runs on oneDNN (else ATen's ``F.linear``): on CPU, a dtype in `_FUSABLE`,
+    16+ rows, no autocast (whose casts only ATen's ops know), and the measured choice for the shape class
+    (``linear`` with gradients, ``inference`` without; ``packed``: with a prepacked weight)."""
+    if x.dtype not in _FUSABLE or x.device.type != "cpu" or x.numel() < 16 * x.shape[-1]:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    return _onednn_choice(
+        x.dtype, x.numel() // x.shape[-1], tuple(weight.shape), _needs_grad(x, weight), packed
     )
+
+
+def _onednn_choice(dtype: torch.dtype, rows: int, wshape: tuple[int, ...], grad: bool, packed: bool) -> bool:
+    r = kernels.rows_class(rows)
+    shape = (r, *wshape, int(packed and not grad))
+    choice = "linear" if grad else "inference"
+    timer = functools.partial(_linear_workload, dtype=dtype, rows=r, wshape=wshape, grad=grad, packed=packed)
+    return kernels.decide(choice, dtype, shape, timer) == "onednn"
+
+
+def _linear_workload(
+    candidate: str, *, dtype: torch.dtype, rows: int, wshape: tuple[int, ...], grad: bool, packed: bool
+) -> Callable[[], object]:
+    """`kernels.decide`'s timing of one candidate: the forward (and with ``grad`` both gradient matmuls)."""
+    x = kernels.random_like((rows, wshape[1]), dtype, grad=grad)
+    w = kernels.random_like(wshape, dtype, grad=grad)
+    if grad:
+        g = torch.ones(rows, wshape[0], dtype=dtype)
+        fn = _OneDNNLinear.apply if candidate == "onednn" else F.linear
+
+        def train() -> object:
+            return torch.autograd.grad(fn(x, w, None), (x, w), g)
+
+        return train
+    if candidate == "aten":
+        return lambda: F.linear(x, w)
+    wp = torch.ops.mkldnn._reorder_linear_weight(w, rows) if packed else w
+    return lambda: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], "")
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, or on CPU the same matmul through oneDNN where that was measured faster (`_onednn`).
+
+    oneDNN's float32 AVX-512 kernels measured 2.2x faster than MKL's sgemm (450 vs 200 GFLOPS on 2 cores) on
+    an AMD EPYC (Zen 5), where MKL runs AVX2 kernels; on Intel Xeons they are close. Results differ from
+    MKL's by float32 summation order. The op has no autograd formula, so training goes through
+    `_OneDNNLinear`, which supplies one. Inside `CausalLM.packed_weights` a prepacked copy of ``weight`` is
+    used when there is one.
+    """
+    grad = _needs_grad(x, weight)
+    packed = None if grad else _packed(weight)
+    if not _onednn(x, weight, packed=packed is not None):
+        return F.linear(x, weight, bias)
+    if grad:
+        return cast(Tensor, _OneDNNLinear.apply(x, weight, bias))
+    out: Tensor = torch.ops.mkldnn._linear_pointwise(
+        x, weight if packed is None else packed, bias, "none", [], ""
+    )
+    return out
 
 
 def _packed(weight: Tensor) -> Tensor | None:
@@ -225,14 +262,14 @@ def _linear_then(
     """``x @ weight.T + bias`` followed by ``post``: ``"swish"`` = silu of it, ``"mul"`` / ``"add"`` = it
     times / plus ``other`` (same shape as the result).
 
-    Without gradients (generation, old log-probs) on CPU, oneDNN applies the post-op inside the matmul, on
-    the tile still in cache: a decode step's MLP is 3 kernels instead of 5 and the residual adds come free
-    (decode steps 2-3% faster, 3M and 25M models, fp32 and bf16). With gradients, or elsewhere, it is the
-    plain composite; float32 results agree to rounding (oneDNN's swish differs from `F.silu` by ~1e-7
-    relative; the adds and the product are exact).
+    Without gradients (generation, old log-probs) where oneDNN runs the matmul (`_onednn`), it applies the
+    post-op inside the matmul, on the tile still in cache: a decode step's MLP is 3 kernels instead of 5 and
+    the residual adds come free (decode steps 2-3% faster, 3M and 25M models, fp32 and bf16, AMD EPYC). With
+    gradients, or elsewhere, it is the plain composite; float32 results agree to rounding (oneDNN's swish
+    differs from `F.silu` by ~1e-7 relative; the adds and the product are exact).
     """
-    if _onednn_inference(x, weight):
-        packed = _packed(weight)
+    packed = _packed(weight)
+    if not _needs_grad(x, weight) and _onednn(x, weight, packed=packed is not None):
         w = weight if packed is None else packed
         if other is None:
             out: Tensor = torch.ops.mkldnn._linear_pointwise(x, w, bias, post, [], "")
@@ -303,13 +340,75 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
-    """``F.scaled_dot_product_attention``; on CPU in float32 for 16-bit inputs (cast back after): PyTorch's
-    bf16 CPU flash kernel is slower than its float32 one (forward + backward 11.6 vs 7.4 ms for a 25M-model
-    micro-batch), and float32 is the more accurate."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    """``F.scaled_dot_product_attention``; on CPU for 16-bit inputs (or 16-bit autocast) in float32 and
+    cast back where that was measured faster (kernel choice ``attention``): PyTorch's bf16 CPU flash kernel
+    lost to its float32 one on an AMD EPYC (forward + backward 11.6 vs 7.4 ms for a 25M-model micro-batch);
+    float32 is also the more accurate."""
+    if q.device.type == "cpu":
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        if dtype in _HALF and _attention_choice(q, k, dtype, **kwargs) == "float32":
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def _attention_choice(q: Tensor, k: Tensor, dtype: torch.dtype, **kwargs: Any) -> str:
+    """The ``attention`` kernel choice for SDPA of this shape class (query and key lengths rounded, masked or
+    not, with gradients or not)."""
+    H, Lq, Dh = q.shape[-3:]
+    Hkv, Lk = k.shape[-3], k.shape[-2]
+    grad = torch.is_grad_enabled() and q.requires_grad
+    masked = kwargs.get("attn_mask") is not None or bool(kwargs.get("is_causal"))
+    lq, lk = kernels.rows_class(Lq), kernels.rows_class(Lk)
+    shape = (H, Hkv, Dh, lq, lk, int(masked), int(grad))
+
+    def timer(candidate: str) -> Callable[[], object]:
+        B = max(1, 512 // lq)  # ~512 query rows: a micro-batch's worth, a few ms
+        qs, ks = (
+            kernels.random_like((B, H, lq, Dh), dtype, grad=grad),
+            kernels.random_like((B, Hkv, lk, Dh), dtype, grad=grad),
+        )
+        vs = kernels.random_like((B, Hkv, lk, Dh), dtype, grad=grad)
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq) if masked else None
+        up = candidate == "float32"
+        return kernels.time_sdpa(qs, ks, vs, upcast=up, grad=grad, mask=mask, gqa=Hkv != H)
+
+    return kernels.decide("attention", dtype, shape, timer)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention as two matmuls and a float32 softmax: ``q`` [B, H_kv, r, Dh], ``k``/``v`` [B, H_kv, L, Dh],
+    ``mask`` [B, 1, 1, L] (True = may attend) or None."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2)).float()  # [B, H_kv, r, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+def _decode_choice(q: Tensor, k: Tensor, mask: Tensor | None) -> str:
+    """The ``decode`` kernel choice (matmuls or SDPA) for a decode step's attention without a shared prefix
+    of this shape class (keys rounded to 64 / 256 / 1024, masked or not); timed at batch 64."""
+    _, Hkv, r, Dh = q.shape
+    L = kernels.rows_class(k.shape[2])
+    shape = (Hkv, r, Dh, L, int(mask is not None))
+
+    def timer(candidate: str) -> Callable[[], object]:
+        qs = kernels.random_like((64, Hkv, r, Dh), q.dtype)
+        ks, vs = (
+            kernels.random_like((64, Hkv, L, Dh), q.dtype),
+            kernels.random_like((64, Hkv, L, Dh), q.dtype),
+        )
+        m = None if mask is None else torch.ones(64, 1, 1, L, dtype=torch.bool)
+        if candidate == "matmul":
+            return lambda: _matmul_attention(qs, ks, vs, m)
+        return lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=m)
+
+    with torch.no_grad():
+        return kernels.decide("decode", q.dtype, shape, timer)
 
 
 def _decode_attention(
@@ -319,26 +418,24 @@ def _decode_attention(
     after the row's shared ``prefix`` (``[U, H_kv, P, Dh]`` per layer) if any; ``mask`` [B, 1, 1, P + L] (True
     = may attend; P = 0 without a prefix).
 
-    Without a prefix this is SDPA, except in float32 on CPU. Otherwise two plain matmuls and one softmax over
-    the prefix's and the row's scores together: in float32 on CPU this beats SDPA's flash kernel for a decode
-    step (the 25M model's steps: 0.84 vs 0.97 s of a 64 x 128-token rollout; in bf16 it does not), and the
-    prefix's keys and values are read once per prompt for all of its rows (`_Prefix.to_grid`) instead of
-    once per row.
+    Without a prefix: on CPU two plain matmuls and a softmax or SDPA, whichever was measured faster (kernel
+    choice ``decode``: on an AMD EPYC the matmuls won in float32, 0.84 vs 0.97 s of a 25M model's 64 x
+    128-token rollout, and lost in bf16); elsewhere SDPA. With a prefix: the matmuls, over the prefix's and
+    the row's scores together with one softmax, so that the prefix's keys and values are read once per
+    prompt for all of its rows (`_Prefix.to_grid`) instead of once per row.
     """
-    if prefix is None and (q.device.type != "cpu" or q.dtype != torch.float32):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if prefix is None:
+        if q.device.type != "cpu" or _decode_choice(q, k, mask) == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return _matmul_attention(q, k, v, mask)
     r = q.shape[2]
     q = q * q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2))  # [B, H_kv, r, L]
-    if prefix is not None:
-        shared = torch.matmul(prefix.to_grid(q), prefix.k[layer].transpose(-1, -2))  # [U, H_kv, G*r, P]
-        scores = torch.cat([prefix.from_grid(shared, r), scores], -1)  # [B, H_kv, r, P + L]
-    scores = scores.float()
+    shared = torch.matmul(prefix.to_grid(q), prefix.k[layer].transpose(-1, -2))  # [U, H_kv, G*r, P]
+    scores = torch.cat([prefix.from_grid(shared, r), scores], -1).float()  # [B, H_kv, r, P + L]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(-1).to(v.dtype)
-    if prefix is None:
-        return torch.matmul(probs, v)  # [B, H_kv, r, Dh]
     P = prefix.k[layer].shape[2]
     shared = torch.matmul(prefix.to_grid(probs[..., :P]), prefix.v[layer])  # [U, H_kv, G*r, Dh]
     return prefix.from_grid(shared, r) + torch.matmul(probs[..., P:], v)
@@ -507,11 +604,12 @@ class CausalLM(nn.Module):
         """Within: no-gradient CPU matmuls of 16+ rows read copies of the linear weights prepacked in oneDNN's
         blocked layout for about ``rows`` rows, instead of repacking each weight on every call.
 
-        For generation (`dapo.rollout.NativeEngine`): 6-16% faster decode steps (3M and 25M models, fp32 and
-        bf16; the matmul alone 10-20%). The copies are taken on entry, so the weights must not change inside
-        (training outside is fine: the next entry packs again). Results differ from unpacked matmuls by float
-        summation order only. A no-op off CPU, for dtypes oneDNN does not fuse, without oneDNN, and for
-        fewer than 16 rows (where the matmuls use MKL / the parameters).
+        For generation (`dapo.rollout.NativeEngine`): 6-16% faster decode steps on an AMD EPYC (3M and 25M
+        models, fp32 and bf16; the matmul alone 10-20%). Only weights whose prepacked oneDNN matmul was
+        measured faster than ATen's (kernel choice ``inference``) are packed. The copies are taken on entry,
+        so the weights must not change inside (training outside is fine: the next entry packs again).
+        Results differ from unpacked matmuls by float summation order only. A no-op off CPU, for dtypes
+        oneDNN does not fuse, without oneDNN, and for fewer than 16 rows (where the matmuls use ATen).
         """
         weight = self.lm_head_weight
         if weight.device.type != "cpu" or weight.dtype not in _FUSABLE or rows < 16:
@@ -519,8 +617,12 @@ class CausalLM(nn.Module):
             return
         linears = [m.weight for m in self.modules() if isinstance(m, nn.Linear)] + [weight]
         reorder = torch.ops.mkldnn._reorder_linear_weight
-        with torch.no_grad():
-            packs = {id(w): reorder(w.detach(), rows) for w in linears}
+        with torch.no_grad():  # only weights whose prepacked matmul was measured faster than ATen's
+            packs = {
+                id(w): reorder(w.detach(), rows)
+                for w in linears
+                if _onednn_choice(w.dtype, rows, tuple(w.shape), grad=False, packed=True)
+            }
         token = _PACKED.set(packs)
         try:
             yield

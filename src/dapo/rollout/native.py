@@ -28,6 +28,7 @@ CPU, but the casts ate the gain), two threads each decoding half the batch on on
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -54,9 +55,12 @@ class NativeEngine:
         device: torch.device | str | None = None,
         max_batch_size: int | None = None,
         check_every: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """``check_every``: decode steps between reads of which rows have finished (a host sync); None = every
-        step on CPU, every 8 steps on accelerators."""
+        step on CPU, every 8 steps on accelerators. ``dtype``: sample in this dtype (None = the model's);
+        another than the model's samples from a copy of its current weights cast to it, refreshed at every
+        `generate` (``actor.precision=bf16-mixed``: float32 master weights, bf16 sampling)."""
         if not isinstance(model, CausalLM):
             raise TypeError(f"NativeEngine needs a dapo CausalLM, got {type(model).__name__}; use HFEngine")
         param_device = model.lm_head_weight.device
@@ -78,6 +82,20 @@ class NativeEngine:
         self.pad_token_id = pad_token_id
         self.max_batch_size = max_batch_size
         self.check_every = check_every or (1 if param_device.type == "cpu" else 8)
+        self.dtype = dtype or model.lm_head_weight.dtype
+        self._copy: CausalLM | None = None
+
+    def _sampler(self) -> CausalLM:
+        """The module to sample with: the policy, or its weights copied into a module in `dtype` (made on
+        first use, overwritten in place after that: a cast of every weight per `generate`)."""
+        if self.dtype == self.model.lm_head_weight.dtype:
+            return self.model
+        with torch.no_grad():
+            if self._copy is None:
+                self._copy = copy.deepcopy(self.model).to(self.dtype).requires_grad_(False)
+            else:
+                torch._foreach_copy_(list(self._copy.parameters()), list(self.model.parameters()))
+        return self._copy
 
     def load_weights(self, state_dict: Mapping[str, Tensor]) -> None:
         """Copy ``state_dict`` (names as in ``model.state_dict()``) into the parameters, in place."""
@@ -102,17 +120,23 @@ class NativeEngine:
         total = len(prompts) * sampling.n
         chunk = self.max_batch_size or total
         out: list[Completion] = []
-        with torch.inference_mode(), self.model.packed_weights(min(chunk, total)):
+        model = self._sampler()
+        with torch.inference_mode(), model.packed_weights(min(chunk, total)):
             for start in range(0, total, chunk):
-                rows = list(range(start, min(start + chunk, total)))
-                out.extend(self._generate_chunk(prompts, [r // sampling.n for r in rows], sampling, gen))
+                owners = [r // sampling.n for r in range(start, min(start + chunk, total))]
+                out.extend(self._generate_chunk(model, prompts, owners, sampling, gen))
         return out
 
     def _generate_chunk(
-        self, prompts: list[list[int]], owners: list[int], sp: SamplingParams, gen: torch.Generator
+        self,
+        model: CausalLM,
+        prompts: list[list[int]],
+        owners: list[int],
+        sp: SamplingParams,
+        gen: torch.Generator,
     ) -> list[Completion]:
         """Completions of the sequences whose prompts are ``prompts[owners[i]]`` (repeats consecutive)."""
-        model, dev, steps = self.model, self.device, sp.max_tokens
+        dev, steps = self.device, sp.max_tokens
         distinct = sorted(set(owners))
         width = max(len(prompts[p]) for p in distinct)
         ids = torch.full((len(distinct), width), self.pad_token_id, dtype=torch.long)  # [U, P]

@@ -1,0 +1,283 @@
+"""Which kernel the native model's CPU code runs, chosen by timing on this machine, not by a vendor rule.
+
+Four choices, each between implementations that agree to float rounding (the tests run every one):
+
+- ``linear``: a matmul of 16+ rows with gradients (training, float32 or bf16) through oneDNN
+  (`transformer._OneDNNLinear`: forward and both gradient matmuls) or through ATen's ``F.linear`` (MKL's
+  sgemm in float32). On an AMD EPYC (Zen 5) oneDNN's AVX-512 kernels beat MKL's AVX2 ones 2.2x; on Intel
+  Xeons the two are close, and which wins depends on the shape.
+- ``inference``: a no-grad matmul of 16+ rows (generation, old log-probs) through oneDNN (with the weight
+  prepacked inside `CausalLM.packed_weights`, elementwise post-ops fused) or ATen (post-ops as separate
+  kernels). Timed separately for a prepacked and a plain weight.
+- ``attention``: 16-bit SDPA computed in float32 (cast there and back) or in the input dtype. PyTorch's bf16
+  CPU flash kernel lost to its float32 one on the EPYC; on CPUs with AMX the bf16 one may win.
+- ``decode``: a decode step's attention without a shared prefix as two matmuls and a softmax, or SDPA.
+
+Each choice is keyed by a shape class (dtype, the layer's widths, the row count rounded to 64 / 256 /
+1024, gradients or not) and decided once at first use: both candidates run on random data of that class
+(interleaved, median of 5; a few ms each), and the faster wins unless it is within 3% of the default,
+which then stays (near-ties would otherwise flip from run to run). Decisions are kept for the process and
+written to ``<dapo cache>/kernels/<machine>.json`` (machine = CPU model, ISA flags, torch version, thread
+count), so later processes on the same machine take the same kernels without timing again (the same
+numerics run to run).
+
+``DAPO_KERNELS`` (environment) overrides: ``measure`` (the default: as above), ``default`` (no timing: the
+fixed rules below, the same on every machine), or comma-separated forced choices such as
+``linear=aten,inference=onednn,attention=native,decode=sdpa`` (choices not named are measured). Off CPU
+nothing is timed: ATen, the input dtype and SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dapo.errors import UserError
+
+__all__ = ["CHOICES", "cpu_info", "decide", "describe", "forced", "machine_line", "mode"]
+
+ENV = "DAPO_KERNELS"
+
+CHOICES: dict[str, tuple[str, str]] = {
+    "linear": ("onednn", "aten"),
+    "inference": ("onednn", "aten"),
+    "attention": ("float32", "native"),
+    "decode": ("matmul", "sdpa"),
+}
+"""Each choice's two candidates (`_default` says which is the fixed default per dtype)."""
+
+_TIE = 0.03
+"""A challenger must be this much faster than the default to replace it (timing noise on a busy machine)."""
+
+_decided: dict[str, str] = {}
+"""Decisions of this process by key (measured, read from the cache file, or forced)."""
+_known: dict[tuple[str, torch.dtype, tuple[int, ...]], str] = {}
+"""`_decided` by (choice, dtype, shape) tuples, for the hot path."""
+_forced: dict[str, str] = {}
+"""Choices forced by `forced` (tests), over ``DAPO_KERNELS``."""
+_disk: dict[str, str] | None = None
+
+
+def _default(choice: str, dtype: torch.dtype) -> str:
+    """The fixed rule (``DAPO_KERNELS=default``): the choices that won on the AMD EPYC this code was first
+    tuned on (oneDNN for float32 training matmuls, ATen for bf16 ones; decode attention as matmuls in float32
+    only)."""
+    if (choice == "decode" or choice == "linear") and dtype != torch.float32:
+        return CHOICES[choice][1]
+    return CHOICES[choice][0]
+
+
+class KernelsError(UserError, ValueError):
+    """A bad ``DAPO_KERNELS`` value (a user error: one line on the command line)."""
+
+
+def _env() -> tuple[str, dict[str, str]]:
+    """(mode, forced choices) from ``DAPO_KERNELS``; a clear error for anything else."""
+    return _parse(os.environ.get(ENV, "measure"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(raw: str) -> tuple[str, dict[str, str]]:
+    raw = raw.strip()
+    if raw in ("measure", "default", ""):
+        return raw or "measure", {}
+    out = {}
+    for item in raw.split(","):
+        name, _, value = item.strip().partition("=")
+        if name not in CHOICES or value not in CHOICES[name]:
+            allowed = "; ".join(f"{k}={'|'.join(v)}" for k, v in CHOICES.items())
+            raise KernelsError(
+                f"{ENV}={raw!r}: bad item {item!r}; allowed: 'measure', 'default' or items {allowed}"
+            )
+        out[name] = value
+    return "measure", out
+
+
+def mode() -> str:
+    """How choices are made now: ``measure``, ``default`` or the forced items."""
+    m, env = _env()
+    force = {**env, **_forced}
+    return ",".join(f"{k}={v}" for k, v in force.items()) if force else m
+
+
+@contextlib.contextmanager
+def forced(**choices: str) -> Iterator[None]:
+    """Within: the named choices take the given candidate (tests run every path this way)."""
+    for name, value in choices.items():
+        if name not in CHOICES or value not in CHOICES[name]:
+            raise ValueError(f"kernels.forced: {name}={value!r}; allowed: {CHOICES}")
+    saved = dict(_forced)
+    _forced.update(choices)
+    try:
+        yield
+    finally:
+        _forced.clear()
+        _forced.update(saved)
+
+
+def decide(
+    choice: str, dtype: torch.dtype, shape: tuple[int, ...], timer: Callable[[str], Callable[[], object]]
+) -> str:
+    """The candidate of ``choice`` for this shape class: forced, the fixed default, or measured once (both
+    candidates' ``timer(candidate)`` workloads timed) and cached. ``shape`` already holds rounded sizes."""
+    if choice in _forced:
+        return _forced[choice]
+    m, env = _env()
+    if choice in env:
+        return env[choice]
+    if m == "default":
+        return _default(choice, dtype)
+    fast = (choice, dtype, shape)  # called on every matmul of a decode step: no string building then
+    if fast in _known:
+        return _known[fast]
+    key = f"{choice}:{str(dtype).removeprefix('torch.')}:{'x'.join(map(str, shape))}"
+    hit = _decided.get(key) or _load().get(key)
+    if hit not in CHOICES[choice]:
+        hit = _measure(choice, dtype, timer)
+        _save(key, hit)
+    _decided[key] = _known[fast] = hit
+    return hit
+
+
+def _measure(choice: str, dtype: torch.dtype, timer: Callable[[str], Callable[[], object]]) -> str:
+    default = _default(choice, dtype)
+    other = next(c for c in CHOICES[choice] if c != default)
+    # timed on fresh tensors, outside whatever mode the caller is in (inference mode, autocast)
+    with torch.inference_mode(False), torch.autocast("cpu", enabled=False):
+        try:
+            fns = {default: timer(default), other: timer(other)}
+            times: dict[str, list[float]] = {default: [], other: []}
+            for fn in fns.values():
+                fn()  # warm-up: oneDNN builds its primitive on the first call
+            for _ in range(5):
+                for name, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+        except RuntimeError:  # a candidate this build cannot run: keep the default
+            return default
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return other if med[other] < (1 - _TIE) * med[default] else default
+
+
+def rows_class(rows: int) -> int:
+    """The row count a decision for ``rows`` rows is timed at (and keyed by)."""
+    return 64 if rows < 128 else 256 if rows < 512 else 1024
+
+
+def describe() -> str:
+    """The mode and this process's decisions so far, one line (logged with a run, printed by benchmarks)."""
+    counts: dict[str, dict[str, int]] = {}
+    for key, value in _decided.items():  # key: choice:dtype:shape
+        group = counts.setdefault(":".join(key.split(":")[:2]), {})
+        group[value] = group.get(value, 0) + 1
+    made = ", ".join(
+        f"{k} " + "/".join(f"{v} x{n}" for v, n in sorted(c.items())) for k, c in sorted(counts.items())
+    )
+    return f"{ENV}={mode()}; shape classes decided: {made or 'none yet'}; per shape in {_cache_file()}"
+
+
+def cpu_info() -> dict[str, object]:
+    """This CPU's model name, the ISA extensions the kernels depend on, and PyTorch's view of them."""
+    name, flags = platform.processor() or platform.machine(), set[str]()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    isa = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"]
+    return {
+        "cpu": name,
+        "isa": [f for f in isa if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn_bf16": _bool_op("_is_mkldnn_bf16_supported"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def machine_line() -> str:
+    """`cpu_info` as one line, for benchmark output."""
+    info = cpu_info()
+    isa = " ".join(info["isa"]) or "none of AVX2 / AVX-512 / AMX"  # type: ignore[arg-type]
+    return (
+        f"CPU {info['cpu']}; ISA {isa}; torch CPU capability {info['torch_cpu_capability']}; oneDNN bf16 "
+        f"{'yes' if info['mkldnn_bf16'] else 'no'}; AMX {'yes' if 'amx_bf16' in isa else 'no'}"
+    )
+
+
+def _bool_op(name: str) -> bool:
+    try:
+        return bool(getattr(torch.ops.mkldnn, name)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cache_file() -> Path:
+    from dapo.models.tiny import default_cache_dir  # imported here: tiny imports the model code
+
+    info = cpu_info()
+    ident = json.dumps([info["cpu"], info["isa"], info["threads"], torch.__version__])
+    return default_cache_dir() / "kernels" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+
+def _load() -> dict[str, str]:
+    global _disk
+    if _disk is None:
+        try:
+            _disk = dict(json.loads(_cache_file().read_text()).get("decisions", {}))
+        except (OSError, ValueError, AttributeError):
+            _disk = {}
+    return _disk
+
+
+def _save(key: str, value: str) -> None:
+    """Add a decision to the cache file (best effort: a read-only cache only costs re-timing)."""
+    disk = _load()
+    disk[key] = value
+    path = _cache_file()
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(
+            json.dumps({"machine": cpu_info(), "torch": torch.__version__, "decisions": disk}, indent=1)
+        )
+        tmp.replace(path)
+
+
+def random_like(shape: tuple[int, ...], dtype: torch.dtype, *, grad: bool = False) -> Tensor:
+    """A random tensor for a timing workload (values do not matter for speed)."""
+    return torch.randn(shape).to(dtype).requires_grad_(grad)
+
+
+def time_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, *, upcast: bool, grad: bool, mask: Tensor | None, gqa: bool
+) -> Callable[[], object]:
+    """A timing workload: SDPA of these tensors (float32 when ``upcast``), with its backward when ``grad``."""
+
+    def run() -> object:
+        with torch.set_grad_enabled(grad):
+            if upcast:
+                qf, kf, vf = q.float(), k.float(), v.float()
+                out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, enable_gqa=gqa).to(q.dtype)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            if grad:
+                out.sum().backward()
+        return out
+
+    return run

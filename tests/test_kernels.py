@@ -1,0 +1,134 @@
+"""`dapo.models.kernels`: choices by measurement, cached per machine; forced and fixed modes."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from dapo.config import load_config
+from dapo.errors import UserError
+from dapo.models import kernels
+from dapo.preflight import check_train
+
+
+@pytest.fixture(autouse=True)
+def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No decisions in the process, an empty cache directory, no DAPO_KERNELS."""
+    monkeypatch.setattr(kernels, "_decided", {})
+    monkeypatch.setattr(kernels, "_known", {})
+    monkeypatch.setattr(kernels, "_disk", None)
+    monkeypatch.setenv("DAPO_CACHE", str(tmp_path))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    return tmp_path
+
+
+def sleeper(seconds: dict[str, float], calls: list[str]) -> Callable[[str], Callable[[], object]]:
+    """A timer whose candidates take the given seconds per run; records which candidates were set up."""
+
+    def timer(candidate: str) -> Callable[[], object]:
+        calls.append(candidate)
+        return lambda: time.sleep(seconds[candidate])
+
+    return timer
+
+
+def test_the_faster_candidate_wins_and_is_cached_in_process_and_on_disk(fresh: Path) -> None:
+    calls: list[str] = []
+    slow_default = sleeper({"onednn": 0.004, "aten": 0.0}, calls)
+    assert kernels.decide("linear", torch.float32, (64, 8, 8, 0), slow_default) == "aten"
+    assert sorted(calls) == ["aten", "onednn"]
+    calls.clear()
+    assert kernels.decide("linear", torch.float32, (64, 8, 8, 0), slow_default) == "aten"
+    assert calls == []  # decided once per process
+    (path,) = (fresh / "kernels").glob("*.json")
+    saved = json.loads(path.read_text())
+    assert saved["decisions"] == {"linear:float32:64x8x8x0": "aten"}
+    assert saved["machine"]["cpu"] == kernels.cpu_info()["cpu"]
+    kernels._decided.clear()
+    kernels._known.clear()
+    kernels._disk = None  # a new process on the same machine: read from the file, no timing
+    assert kernels.decide("linear", torch.float32, (64, 8, 8, 0), slow_default) == "aten"
+    assert calls == []
+    assert "shape classes decided: linear:float32 aten x1;" in kernels.describe()
+
+
+def test_near_ties_and_failures_keep_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    clock = [0.0]  # a fake clock: each candidate's run advances it by exactly its cost
+
+    def costs(seconds: dict[str, float]) -> Callable[[str], Callable[[], object]]:
+        return lambda candidate: lambda: clock.__setitem__(0, clock[0] + seconds[candidate])
+
+    with monkeypatch.context() as m:
+        m.setattr(kernels.time, "perf_counter", lambda: clock[0])
+        slightly = costs({"float32": 1.0, "native": 0.98})  # 2% faster: within the 3% margin
+        assert kernels.decide("attention", torch.bfloat16, (1,), slightly) == "float32"
+        clearly = costs({"float32": 1.0, "native": 0.96})
+        assert kernels.decide("attention", torch.bfloat16, (2,), clearly) == "native"
+
+    def broken(candidate: str) -> Callable[[], object]:
+        def run() -> object:
+            raise RuntimeError("no kernel for this dtype")
+
+        return run if candidate == "matmul" else lambda: None
+
+    # the default of decode in float32 is the matmuls; a failing challenger or default keeps the default
+    assert kernels.decide("decode", torch.float32, (2,), broken) == "matmul"
+    # the per-dtype defaults: bf16 decode attention is SDPA, bf16 training matmuls are ATen's
+    faster_other = sleeper({"sdpa": 0.0, "matmul": 0.003, "onednn": 0.003, "aten": 0.0}, calls)
+    assert kernels.decide("decode", torch.bfloat16, (3,), faster_other) == "sdpa"
+    assert kernels.decide("linear", torch.bfloat16, (3,), faster_other) == "aten"
+
+
+def test_default_mode_never_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(kernels.ENV, "default")
+
+    def never(candidate: str) -> Callable[[], object]:
+        raise AssertionError("timed in default mode")
+
+    got = {
+        (c, str(d)): kernels.decide(c, d, (1,), never)
+        for c in kernels.CHOICES
+        for d in (torch.float32, torch.bfloat16)
+    }
+    assert got == {
+        ("linear", "torch.float32"): "onednn", ("linear", "torch.bfloat16"): "aten",
+        ("inference", "torch.float32"): "onednn", ("inference", "torch.bfloat16"): "onednn",
+        ("attention", "torch.float32"): "float32", ("attention", "torch.bfloat16"): "float32",
+        ("decode", "torch.float32"): "matmul", ("decode", "torch.bfloat16"): "sdpa",
+    }  # fmt: skip
+    assert kernels.mode() == "default"
+
+
+def test_forced_by_environment_and_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(candidate: str) -> Callable[[], object]:
+        raise AssertionError("a forced choice was timed")
+
+    monkeypatch.setenv(kernels.ENV, "linear=aten, decode=sdpa")
+    assert kernels.decide("linear", torch.float32, (1,), never) == "aten"
+    assert kernels.decide("decode", torch.float32, (1,), never) == "sdpa"
+    with kernels.forced(linear="onednn"):  # the context wins over the environment, and is undone after
+        assert kernels.decide("linear", torch.float32, (1,), never) == "onednn"
+        assert kernels.mode() == "linear=onednn,decode=sdpa"
+    assert kernels.decide("linear", torch.float32, (1,), never) == "aten"
+    monkeypatch.setenv(kernels.ENV, "linear=mkl")
+    with pytest.raises(UserError, match=r"DAPO_KERNELS='linear=mkl': bad item 'linear=mkl'; allowed: .*"):
+        kernels.decide("linear", torch.float32, (1,), never)
+    with pytest.raises(UserError, match="DAPO_KERNELS"):  # `dapo train` says so before building anything
+        check_train(load_config("tiny"))
+    with pytest.raises(ValueError, match=r"kernels\.forced: attention='bf16'"):
+        kernels.forced(attention="bf16").__enter__()
+
+
+def test_cpu_info_names_the_model_and_the_isa() -> None:
+    info = kernels.cpu_info()
+    assert isinstance(info["cpu"], str) and info["cpu"]
+    assert info["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(info["isa"]) <= {  # type: ignore[arg-type]
+        "avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"
+    }  # fmt: skip
