@@ -20,8 +20,9 @@ gives it these parts:
   `reward.timeout_s`, scoring contiguous shares of the responses.
 
 Weights: after every update the ranks gather their shards into rank 0's full-weight copy, and rank 0
-broadcasts it to every worker through a gloo group of its own (`dapo.distributed.weight_group`, on a
-TCPStore served by rank 0), never through the driver; each sync has a version (`rollout/weights_version`).
+broadcasts it to every worker through a group of its own (`dapo.distributed.weight_group`: gloo on CPU,
+NCCL on CUDA, on a TCPStore served by rank 0), never through the driver; each sync has a version
+(`rollout/weights_version`).
 
 Faults: every remote call waits at most `trainer.collective_timeout_s` (a timeout is logged, then the run
 stops with `ClusterError`). A rollout worker that dies is restarted by Ray (`max_restarts`), the weight
@@ -179,8 +180,9 @@ class TrainerRank:
         return ray.util.get_node_ip_address(), int(self.store.port)
 
     def join_weight_group(self, size: int, generation: int) -> None:
+        device = next(self.policy.full_model.parameters()).device
         self.group = distributed.weight_group(
-            self.store, 0, size, generation, self.cfg.trainer.collective_timeout_s
+            self.store, 0, size, generation, self.cfg.trainer.collective_timeout_s, device
         )
 
     def publish(self, version: int, gather: bool) -> dict[str, float]:
@@ -237,8 +239,9 @@ class RolloutWorker:
 
         timeout = datetime.timedelta(seconds=self.cfg.trainer.collective_timeout_s)
         store = TCPStore(address[0], address[1], None, False, timeout)
+        device = next(self.model.parameters()).device
         self.group = distributed.weight_group(
-            store, rank, size, generation, self.cfg.trainer.collective_timeout_s
+            store, rank, size, generation, self.cfg.trainer.collective_timeout_s, device
         )
 
     def receive(self) -> int:

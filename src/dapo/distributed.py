@@ -362,21 +362,32 @@ class ShardedScorer:
 # Weights to rollout workers (Ray mode): a gloo group of its own, trainer rank 0 and the workers
 
 
-def weight_group(store: Any, rank: int, size: int, generation: int, timeout_s: float) -> Any:
-    """A gloo group of ``size`` members outside the trainer ranks' world: member 0 is trainer rank 0 (it
-    holds ``store``'s server), the rollout workers follow. Every member calls this together; a new
-    ``generation`` (after a worker restarted) forms a new group on the same store."""
+def weight_group(
+    store: Any, rank: int, size: int, generation: int, timeout_s: float, device: torch.device
+) -> Any:
+    """A group of ``size`` members outside the trainer ranks' world: member 0 is trainer rank 0 (it holds
+    ``store``'s server), the rollout workers follow. Every member calls this together; a new ``generation``
+    (after a worker restarted) forms a new group on the same store. ``device``: where this member's weights
+    live; CUDA members (every member of a CUDA layout) form an NCCL group, others a gloo one."""
     prefixed = dist.PrefixStore(f"dapo-weights-{generation}", store)  # type: ignore[attr-defined]
-    return dist.ProcessGroupGloo(prefixed, rank, size, datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        nccl: Any = getattr(dist, "ProcessGroupNCCL")  # noqa: B009 (absent from CPU builds of torch)
+        options = nccl.Options()
+        options._timeout = timeout
+        return nccl(prefixed, rank, size, options)
+    return dist.ProcessGroupGloo(prefixed, rank, size, timeout)
 
 
 @torch.no_grad()
 def broadcast_weights(group: Any, module: nn.Module, version: int) -> tuple[int, int]:
     """Member 0 sends every parameter of ``module`` (in `named_parameters` order) and the others receive
     them in place; a header first (version, parameter count), so a receiver with another model fails
-    instead of loading garbage. Staged through CPU memory (gloo). Returns (version, bytes per receiver)."""
+    instead of loading garbage. On CUDA (an NCCL group) tensors move device to device; on CPU (gloo) in
+    place. Returns (version, bytes per receiver)."""
     params = list(module.named_parameters())
-    header = torch.tensor([version, len(params)], dtype=torch.int64)
+    device = params[0][1].device if params else torch.device("cpu")
+    header = torch.tensor([version, len(params)], dtype=torch.int64, device=device)
     group.broadcast(header, 0).wait()
     if int(header[1]) != len(params):
         raise RuntimeError(
@@ -384,7 +395,7 @@ def broadcast_weights(group: Any, module: nn.Module, version: int) -> tuple[int,
         )
     sent = 0
     for _, p in params:
-        buf = p.detach() if p.device.type == "cpu" and p.is_contiguous() else p.detach().cpu().contiguous()
+        buf = p.detach() if p.is_contiguous() else p.detach().contiguous()
         group.broadcast(buf, 0).wait()
         if buf.data_ptr() != p.data_ptr():
             p.copy_(buf)

@@ -1,0 +1,57 @@
+"""The Ray mode's weight broadcast group (`dapo.distributed.weight_group`, `broadcast_weights`) in one
+process: member 0 and two receivers as threads on one TCPStore (gloo, CPU)."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+from dapo.distributed import broadcast_weights, weight_group, weights_checksum
+
+
+def _members(modules: list[nn.Module], generation: int = 0) -> list[Any]:
+    """Run every member's `broadcast_weights` together; each member's (version, bytes) or its error."""
+    timeout = datetime.timedelta(seconds=5)  # the sender of a refused sync waits this long
+    server = TCPStore("127.0.0.1", 0, None, True, timeout, wait_for_workers=False)
+    results: list[Any] = [None] * len(modules)
+
+    def member(rank: int) -> None:
+        store = server if rank == 0 else TCPStore("127.0.0.1", server.port, None, False, timeout)
+        try:
+            group = weight_group(store, rank, len(modules), generation, 5.0, torch.device("cpu"))
+            results[rank] = broadcast_weights(group, modules[rank], version=7 if rank == 0 else 0)
+        except RuntimeError as e:
+            results[rank] = e
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in range(len(modules))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_receivers_hold_the_senders_weights_and_version() -> None:
+    torch.manual_seed(0)
+    modules = [nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)) for _ in range(3)]
+    assert len({weights_checksum(m) for m in modules}) == 3
+    results = _members(modules)
+    size = sum(p.numel() * 4 for p in modules[0].parameters())
+    assert results == [(7, size)] * 3
+    assert len({weights_checksum(m) for m in modules}) == 1
+
+
+def test_a_receiver_with_another_model_fails_instead_of_loading() -> None:
+    modules: list[nn.Module] = [nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), nn.Linear(4, 3)]
+    before = weights_checksum(modules[1])
+    results = _members(modules)
+    assert isinstance(results[1], RuntimeError)
+    with pytest.raises(RuntimeError, match="the sender has 4 parameters, this model 2"):
+        raise results[1]
+    assert weights_checksum(modules[1]) == before
