@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
-from dapo.distributed import broadcast_weights, weight_group, weights_checksum
+from dapo.distributed import broadcast_weights, weight_group, weight_sync_device, weights_checksum
 
 
 def _members(modules: list[nn.Module], generation: int = 0) -> list[Any]:
@@ -55,3 +55,12 @@ def test_a_receiver_with_another_model_fails_instead_of_loading() -> None:
     with pytest.raises(RuntimeError, match="the sender has 4 parameters, this model 2"):
         raise results[1]
     assert weights_checksum(modules[1]) == before
+
+
+def test_the_group_is_nccl_only_where_every_member_has_a_gpu_of_its_own() -> None:
+    gpu = torch.device("cuda", 0)
+    assert weight_sync_device(gpu, colocated=False) == gpu  # NCCL, device to device
+    assert weight_sync_device(gpu, colocated=True) == torch.device(
+        "cpu"
+    )  # a shared GPU: gloo via host memory
+    assert weight_sync_device(torch.device("cpu"), colocated=False) == torch.device("cpu")

@@ -20,9 +20,9 @@ gives it these parts:
   `reward.timeout_s`, scoring contiguous shares of the responses.
 
 Weights: after every update the ranks gather their shards into rank 0's full-weight copy, and rank 0
-broadcasts it to every worker through a group of its own (`dapo.distributed.weight_group`: gloo on CPU,
-NCCL on CUDA, on a TCPStore served by rank 0), never through the driver; each sync has a version
-(`rollout/weights_version`).
+broadcasts it to every worker through a group of its own (`dapo.distributed.weight_group`: NCCL when
+every member has a GPU of its own, else gloo through host memory; on a TCPStore served by rank 0),
+never through the driver; each sync has a version (`rollout/weights_version`).
 
 Faults: every remote call waits at most `trainer.collective_timeout_s` (a timeout is logged, then the run
 stops with `ClusterError`). A rollout worker that dies is restarted by Ray (`max_restarts`), the weight
@@ -138,6 +138,7 @@ class TrainerRank:
         self.updates = 0
         self.store: Any = None
         self.group: Any = None
+        self.sync_device = torch.device("cpu")
         self.version = 0
 
     def address(self) -> tuple[str, int]:
@@ -180,9 +181,11 @@ class TrainerRank:
         return ray.util.get_node_ip_address(), int(self.store.port)
 
     def join_weight_group(self, size: int, generation: int) -> None:
-        device = next(self.policy.full_model.parameters()).device
+        self.sync_device = distributed.weight_sync_device(
+            next(self.policy.full_model.parameters()).device, self.cfg.rollout.colocate
+        )
         self.group = distributed.weight_group(
-            self.store, 0, size, generation, self.cfg.trainer.collective_timeout_s, device
+            self.store, 0, size, generation, self.cfg.trainer.collective_timeout_s, self.sync_device
         )
 
     def publish(self, version: int, gather: bool) -> dict[str, float]:
@@ -193,7 +196,9 @@ class TrainerRank:
             self.policy.gather_weights()
         if self.rank != 0 or self.group is None:
             return {}
-        self.version, sent = distributed.broadcast_weights(self.group, self.policy.full_model, version)
+        self.version, sent = distributed.broadcast_weights(
+            self.group, self.policy.full_model, version, self.sync_device
+        )
         return {"rollout/weight_sync_mb": sent / 2**20, "time/weight_broadcast_s": time.perf_counter() - t0}
 
     def save(self, step: int, state: dict[str, Any]) -> None:
@@ -225,6 +230,7 @@ class RolloutWorker:
             cfg.rollout, self.model, tokenizer, precision=cfg.actor.precision
         )
         self.group: Any = None
+        self.sync_device = torch.device("cpu")
         self.version = 0
 
     def ready(self) -> tuple[int, str, int]:
@@ -239,16 +245,18 @@ class RolloutWorker:
 
         timeout = datetime.timedelta(seconds=self.cfg.trainer.collective_timeout_s)
         store = TCPStore(address[0], address[1], None, False, timeout)
-        device = next(self.model.parameters()).device
+        self.sync_device = distributed.weight_sync_device(
+            next(self.model.parameters()).device, self.cfg.rollout.colocate
+        )
         self.group = distributed.weight_group(
-            store, rank, size, generation, self.cfg.trainer.collective_timeout_s, device
+            store, rank, size, generation, self.cfg.trainer.collective_timeout_s, self.sync_device
         )
 
     def receive(self) -> int:
         """The weights rank 0 broadcasts, into this worker's model (and its engine's own copy)."""
         from dapo.trainer import sync_engine_weights
 
-        self.version, _ = distributed.broadcast_weights(self.group, self.model, 0)
+        self.version, _ = distributed.broadcast_weights(self.group, self.model, 0, self.sync_device)
         sync_engine_weights(self.engine, self.model)
         return self.version
 

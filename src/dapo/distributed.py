@@ -60,6 +60,7 @@ __all__ = [
     "sync_weights",
     "training_state",
     "weight_group",
+    "weight_sync_device",
     "weights_checksum",
 ]
 
@@ -367,8 +368,8 @@ def weight_group(
 ) -> Any:
     """A group of ``size`` members outside the trainer ranks' world: member 0 is trainer rank 0 (it holds
     ``store``'s server), the rollout workers follow. Every member calls this together; a new ``generation``
-    (after a worker restarted) forms a new group on the same store. ``device``: where this member's weights
-    live; CUDA members (every member of a CUDA layout) form an NCCL group, others a gloo one."""
+    (after a worker restarted) forms a new group on the same store. ``device``: the group's, from
+    `weight_sync_device`: CUDA forms an NCCL group, the CPU a gloo one."""
     prefixed = dist.PrefixStore(f"dapo-weights-{generation}", store)  # type: ignore[attr-defined]
     timeout = datetime.timedelta(seconds=timeout_s)
     if device.type == "cuda":
@@ -379,14 +380,22 @@ def weight_group(
     return dist.ProcessGroupGloo(prefixed, rank, size, timeout)
 
 
+def weight_sync_device(weights: torch.device, colocated: bool) -> torch.device:
+    """The weight group's device: the weights' own GPU when every member has one to itself (NCCL), else
+    the CPU (gloo; colocated members share a GPU, which NCCL refuses)."""
+    return weights if weights.type == "cuda" and not colocated else torch.device("cpu")
+
+
 @torch.no_grad()
-def broadcast_weights(group: Any, module: nn.Module, version: int) -> tuple[int, int]:
+def broadcast_weights(
+    group: Any, module: nn.Module, version: int, device: torch.device | None = None
+) -> tuple[int, int]:
     """Member 0 sends every parameter of ``module`` (in `named_parameters` order) and the others receive
     them in place; a header first (version, parameter count), so a receiver with another model fails
-    instead of loading garbage. On CUDA (an NCCL group) tensors move device to device; on CPU (gloo) in
-    place. Returns (version, bytes per receiver)."""
+    instead of loading garbage. ``device``: the group's (default CPU); parameters elsewhere are staged
+    through it. Returns (version, bytes per receiver)."""
+    device = device or torch.device("cpu")
     params = list(module.named_parameters())
-    device = params[0][1].device if params else torch.device("cpu")
     header = torch.tensor([version, len(params)], dtype=torch.int64, device=device)
     group.broadcast(header, 0).wait()
     if int(header[1]) != len(params):
@@ -395,7 +404,7 @@ def broadcast_weights(group: Any, module: nn.Module, version: int) -> tuple[int,
         )
     sent = 0
     for _, p in params:
-        buf = p.detach() if p.is_contiguous() else p.detach().contiguous()
+        buf = p.detach() if p.device == device and p.is_contiguous() else p.detach().to(device).contiguous()
         group.broadcast(buf, 0).wait()
         if buf.data_ptr() != p.data_ptr():
             p.copy_(buf)
