@@ -132,3 +132,44 @@ def test_cpu_info_names_the_model_and_the_isa() -> None:
     assert set(info["isa"]) <= {  # type: ignore[arg-type]
         "avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"
     }  # fmt: skip
+
+
+def test_timing_a_decision_leaves_the_global_rng_where_it_was() -> None:
+    """Whether a shape class was timed now or read from the cache must not change a run's random stream."""
+
+    def workload(candidate: str) -> Callable[[], object]:
+        x = kernels.random_like((64, 32), torch.float32)
+        w = kernels.random_like((32, 32), torch.float32)
+        return lambda: x @ w
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    kernels.decide("linear", torch.float32, (64, 32, 32, 0), workload)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_checkpoint_stores_the_decisions_and_a_resume_adopts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dapo.checkpoint import load_checkpoint, restore_rng
+    from tests.test_checkpoint import save
+    from tests.test_train import tiny_model
+
+    monkeypatch.setenv(kernels.ENV, "linear=aten")
+    kernels.decide("inference", torch.float32, (64, 8, 8, 0), sleeper({"onednn": 0.0, "aten": 0.004}, []))
+    path = save(tmp_path, 1, tiny_model())
+    state = load_checkpoint(path).state
+    assert state["kernels"]["inference:float32:64x8x8x0"] == "onednn"
+    # A new process whose timing (or cache file) would now pick the other candidate: the resume wins.
+    kernels._decided.clear()
+    kernels._known.clear()
+    kernels._disk = {"inference:float32:64x8x8x0": "aten"}
+    restore_rng(state)
+
+    def never(candidate: str) -> Callable[[], object]:
+        raise AssertionError("an adopted decision is not timed again")
+
+    assert kernels.decide("inference", torch.float32, (64, 8, 8, 0), never) == "onednn"
+    kernels.adopt({"inference:float32:64x8x8x0": "bogus", "nonsense": "aten"})  # unknown: ignored
+    assert kernels.decisions()["inference:float32:64x8x8x0"] == "onednn"

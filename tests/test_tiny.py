@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 import dapo.models.tiny as tiny
 from dapo.data.synthetic import ArithmeticTask
 from dapo.models.tiny import (
+    DEFAULT_RECIPE,
     EOS_TOKEN,
     PAD_TOKEN,
     TinyRecipe,
@@ -137,9 +137,7 @@ def test_cache_hit_does_not_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         raise AssertionError("a cached model must not be rebuilt")
 
     monkeypatch.setattr(tiny, "build_tiny_model", no_build)
-    start = time.perf_counter()
     assert ensure_tiny_model(SMALL, cache_dir=tmp_path, progress=False) == first
-    assert time.perf_counter() - start < 1.0
     assert (first / "model.safetensors").stat().st_mtime_ns == mtime
     # No temporary build directories are left behind.
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted([first.name, f"{first.name}.lock"])
@@ -288,10 +286,12 @@ def test_evaluate_scores_a_model(small_dir: Path) -> None:
 def test_default_recipe_builds_fast_and_lands_in_the_accuracy_band(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    start = time.perf_counter()
     path = ensure_tiny_model(cache_dir=tmp_path, progress=False)
-    seconds = time.perf_counter() - start
-    assert seconds < 240, f"default tiny model build took {seconds:.0f} s"
+    # "Fast" as work, not wall time (speed is measured by benchmarks, not timed tests): the warm-up reaches
+    # its target before the step cap.
+    built = json.loads((path / "recipe.json").read_text())["report"]
+    assert built["steps"] < DEFAULT_RECIPE.sft_steps, built
+    assert built["val_accuracy"] >= DEFAULT_RECIPE.target_accuracy, built
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     problems = ArithmeticTask(seed=0).heldout_problems(64)

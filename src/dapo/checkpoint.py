@@ -6,7 +6,7 @@ Layout of `<run_dir>/checkpoints/step_000020/`:
 - `optimizer.pt`: the optimizer and schedule state (tensors and numbers only; loaded with
   `weights_only=True`, so loading never unpickles arbitrary objects);
 - `state.json`: step counters, the collector's carried groups, keep-rate estimate and sampler position,
-  and the RNG state;
+  the RNG state and the kernel choices (`dapo.models.kernels`) the run made;
 - `sharded/` (data-parallel runs only): the sharded model and optimizer state written by every rank with
   torch.distributed.checkpoint (DCP); `optimizer.pt` then holds the schedule only. DCP reshards on load, so
   a checkpoint resumes on a different number of ranks. `state.json` holds each rank's RNG state;
@@ -32,6 +32,7 @@ from torch import nn
 
 from dapo.distributed import World
 from dapo.errors import UserError
+from dapo.models import kernels
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -110,7 +111,7 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "model"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        state = {**state, "step": step, "rng": rngs[0], "rng_ranks": rngs}
+        state = {**state, "step": step, "rng": rngs[0], "rng_ranks": rngs, "kernels": kernels.decisions()}
         (tmp / "state.json").write_text(json.dumps(state))
         (tmp / COMPLETE).write_text("ok\n")
         _fsync_dir(tmp)
@@ -178,7 +179,8 @@ def latest_checkpoint(run_dir: Path, load_model: Any) -> tuple[Checkpoint, Any] 
 
 def restore_rng(state: dict[str, Any], rank: int = 0) -> None:
     """Restore the torch RNG state saved with a checkpoint (rank ``rank``'s, when it was saved by as many
-    ranks; else rank 0's)."""
+    ranks; else rank 0's) and adopt its kernel choices."""
+    kernels.adopt(state.get("kernels", {}))
     ranks = state.get("rng_ranks") or []
     rng = ranks[rank] if rank < len(ranks) else state.get("rng")
     if rng is not None:

@@ -19,7 +19,9 @@ Each choice is keyed by a shape class (dtype, the layer's widths, the row count 
 which then stays (near-ties would otherwise flip from run to run). Decisions are kept for the process and
 written to ``<dapo cache>/kernels/<machine>.json`` (machine = CPU model, ISA flags, torch version, thread
 count), so later processes on the same machine take the same kernels without timing again (the same
-numerics run to run).
+numerics run to run). A checkpoint stores the decisions its process made and a resume adopts them, so a
+resumed run is bit-identical to an uninterrupted one even on a fresh cache. Timing draws its random inputs
+from a private generator: whether a decision was timed or read never moves torch's global RNG.
 
 ``DAPO_KERNELS`` (environment) overrides: ``measure`` (the default: as above), ``default`` (no timing: the
 fixed rules below, the same on every machine), or comma-separated forced choices such as
@@ -46,7 +48,17 @@ from torch import Tensor
 
 from dapo.errors import UserError
 
-__all__ = ["CHOICES", "cpu_info", "decide", "describe", "forced", "machine_line", "mode"]
+__all__ = [
+    "CHOICES",
+    "adopt",
+    "cpu_info",
+    "decide",
+    "decisions",
+    "describe",
+    "forced",
+    "machine_line",
+    "mode",
+]
 
 ENV = "DAPO_KERNELS"
 
@@ -149,6 +161,21 @@ def decide(
         _save(key, hit)
     _decided[key] = _known[fast] = hit
     return hit
+
+
+def decisions() -> dict[str, str]:
+    """This process's decisions by shape-class key (a checkpoint stores them; see `adopt`)."""
+    return dict(_decided)
+
+
+def adopt(saved: dict[str, str]) -> None:
+    """Take ``saved`` decisions (a checkpoint's) as this process's own, over the machine cache and any made
+    already: a resumed run then runs the kernels the interrupted one ran, bit for bit, even where a new
+    timing would have decided otherwise. Keys or values this code does not know are ignored."""
+    for key, value in saved.items():
+        if value in CHOICES.get(key.partition(":")[0], ()):
+            _decided[key] = value
+    _known.clear()
 
 
 def _measure(choice: str, dtype: torch.dtype, timer: Callable[[str], Callable[[], object]]) -> str:
@@ -259,9 +286,15 @@ def _save(key: str, value: str) -> None:
         tmp.replace(path)
 
 
+_timing_rng = torch.Generator().manual_seed(0)
+"""The timing workloads' own random stream: measuring a decision must leave torch's global RNG (sampling,
+dropout, initialisation) exactly where it was, or a run would depend on whether the cache was warm."""
+
+
 def random_like(shape: tuple[int, ...], dtype: torch.dtype, *, grad: bool = False) -> Tensor:
-    """A random tensor for a timing workload (values do not matter for speed)."""
-    return torch.randn(shape).to(dtype).requires_grad_(grad)
+    """A random tensor for a timing workload (values do not matter for speed), drawn from a private
+    generator."""
+    return torch.randn(shape, generator=_timing_rng).to(dtype).requires_grad_(grad)
 
 
 def time_sdpa(

@@ -554,7 +554,7 @@ def ensure_tiny_model(
             shutil.rmtree(final)
         if progress:
             print(
-                f"dapo: building the tiny default model (first use, about 2 minutes) into {final}",
+                f"dapo: building the tiny default model (first use, a few minutes) into {final}",
                 file=sys.stderr,
             )
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
