@@ -146,6 +146,11 @@ def test_the_papers_run_on_a_ray_cluster_dry_runs(capsys: pytest.CaptureFixture[
     assert "trainer ranks                     64 x (8 CPU, 1 GPU)" in out
     assert "rollout workers                   16 x (8 CPU, 4 GPU), on resources of their own" in out
     assert "cluster resources asked           640 CPU, 128 GPU" in out
+    # The trainer ranks only train: no engine or KV cache in their estimate; the workers' is per GPU of four.
+    ranks = out[out.index("per trainer rank (64 ranks") : out.index("Ray layout")]
+    assert "KV cache" not in ranks and "engine" not in ranks and "prompts generated" not in ranks
+    assert "worker memory (per GPU, GiB)     weights 15.26 + KV cache" in out and "4 GPUs per worker" in out
+    assert "to each worker (NCCL broadcast group)" in out  # every member has GPUs of its own
 
 
 def test_ray_keys_are_validated() -> None:

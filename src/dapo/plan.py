@@ -87,7 +87,9 @@ class RankMemory:
         return float(sum(vars(self).values()))
 
 
-def rank_memory(cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool) -> RankMemory:
+def rank_memory(
+    cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool, generates: bool = True
+) -> RankMemory:
     """Per-rank estimate at the config's sizes.
 
     Training state is sharded W ways: float32 parameters, gradients and AdamW's two moments (4 + 4 + 8
@@ -97,7 +99,8 @@ def rank_memory(cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool) -> Ra
     width) values per token per layer at the compute dtype, for the micro-batch's prompt + response tokens;
     logits in float32 three times over (logits, log-softmax, their gradient) for the response tokens. The
     engine holds a full copy of the weights at the model dtype and a KV cache of 2 · layers · KV heads ·
-    head dim values per token for every row it decodes at once.
+    head dim values per token for every row it decodes at once. A rank that does not generate (Ray: the
+    rollout workers do, see `worker_memory`) holds neither.
     """
     total, layer = parameter_count(a)
     compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
@@ -105,10 +108,7 @@ def rank_memory(cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool) -> Ra
     tokens = cfg.actor.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_response_length)
     response_tokens = cfg.actor.micro_batch_size * cfg.rollout.max_response_length
     per_token_layer = (6 * a.hidden_size + 4 * a.intermediate_size) * compute
-    rows = round_prompts(cfg, w) * cfg.rollout.n
-    if cfg.rollout.max_batch_size:
-        rows = min(rows, cfg.rollout.max_batch_size)
-    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * compute
+    engine_weights, kv_cache = _engine_memory(cfg, a, round_prompts(cfg, w), compute)
     return RankMemory(
         params=4 * total / w,
         grads=4 * total / w,
@@ -116,9 +116,30 @@ def rank_memory(cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool) -> Ra
         gathered_layers=2 * layer * compute if w > 1 else 0.0,
         activations=tokens * a.num_hidden_layers * per_token_layer,
         logits=3 * 4 * response_tokens * a.vocab_size,
-        engine_weights=total * _DTYPE_BYTES[cfg.model.dtype] if w > 1 else 0.0,
-        kv_cache=rows * (cfg.data.max_prompt_length + cfg.rollout.max_response_length) * kv_per_token,
+        engine_weights=engine_weights if generates and w > 1 else 0.0,
+        kv_cache=kv_cache if generates else 0.0,
     )
+
+
+def _engine_memory(cfg: Config, a: ModelArgs, prompts: int, compute: int) -> tuple[float, float]:
+    """(full weights at the model dtype, KV cache) of an engine that decodes ``prompts`` x G rows per round
+    (at most `rollout.max_batch_size` at once)."""
+    rows = prompts * cfg.rollout.n
+    if cfg.rollout.max_batch_size:
+        rows = min(rows, cfg.rollout.max_batch_size)
+    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * compute
+    tokens = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    return parameter_count(a)[0] * _DTYPE_BYTES[cfg.model.dtype], rows * tokens * kv_per_token
+
+
+def worker_memory(cfg: Config, a: ModelArgs, *, cuda: bool) -> tuple[float, float]:
+    """(weights, KV cache) bytes per GPU of one Ray rollout worker: its full copy and the KV cache of its
+    share of the largest round, split over `rollout.vllm.tensor_parallel_size` GPUs with vLLM."""
+    compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
+    share = math.ceil(round_prompts(cfg, 1) / cfg.rollout.num_workers)
+    tp = cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+    weights, kv = _engine_memory(cfg, a, share, compute)
+    return weights / tp, kv / tp
 
 
 def round_prompts(cfg: Config, world_size: int) -> int:
@@ -129,16 +150,27 @@ def round_prompts(cfg: Config, world_size: int) -> int:
 
 
 def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
-    """The per-rank lines of the dry-run plan."""
+    """The per-rank lines of the dry-run plan (with trainer.backend=ray: of a trainer rank, which only
+    trains; `format_ray_plan` describes the rollout workers)."""
     w = max(world_size, 1)
+    generates = cfg.trainer.backend != "ray"
     responses = cfg.trainer.prompts_per_step * cfg.rollout.n
     mini = cfg.actor.mini_batch_size
     share = math.ceil(mini / w)
-    lines = [
-        f"per rank ({w} data-parallel rank{'s' if w > 1 else ''}"
-        + (", FSDP2 shards of the policy + a full copy for generation):" if w > 1 else "):"),
-        f"  prompts generated per round       <= {round_prompts(cfg, w)} "
-        f"(x G = {round_prompts(cfg, w) * cfg.rollout.n} responses)",
+    if generates:
+        lines = [
+            f"per rank ({w} data-parallel rank{'s' if w > 1 else ''}"
+            + (", FSDP2 shards of the policy + a full copy for generation):" if w > 1 else "):"),
+            f"  prompts generated per round       <= {round_prompts(cfg, w)} "
+            f"(x G = {round_prompts(cfg, w) * cfg.rollout.n} responses)",
+        ]
+    else:
+        lines = [
+            f"per trainer rank ({w} rank{'s' if w > 1 else ''} of one torch.distributed world"
+            + (", FSDP2 shards of the policy" if w > 1 else "")
+            + "; the rollout workers generate):"
+        ]
+    lines += [
         f"  responses trained per step        {math.ceil(responses / w)} of {responses}"
         f" ({share} of each mini-batch of {mini}: {math.ceil(share / cfg.actor.micro_batch_size)} "
         f"micro-batches of <= {cfg.actor.micro_batch_size})",
@@ -148,8 +180,16 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
         lines.append(f"  memory estimate                   not available: model shape {source}")
         return "\n".join(lines)
     total, _ = parameter_count(args)
-    m = rank_memory(cfg, args, w, cuda=cuda)
+    m = rank_memory(cfg, args, w, cuda=cuda, generates=generates)
     gib = 2.0**30
+    engine = (
+        [
+            f"    engine's full weights           {m.engine_weights / gib:10.2f}",
+            f"    KV cache (largest round)        {m.kv_cache / gib:10.2f}",
+        ]
+        if generates
+        else []
+    )
     lines += [
         f"  model                             {total / 1e9:.3g}B parameters (shape from {source})",
         f"  memory estimate ({'CUDA' if cuda else 'CPU'}, {cfg.model.dtype} model, GiB)",
@@ -159,8 +199,7 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
         f"    gathered layers (2)             {m.gathered_layers / gib:10.2f}",
         f"    activations (micro-batch)       {m.activations / gib:10.2f}",
         f"    logits (fp32, micro-batch)      {m.logits / gib:10.2f}",
-        f"    engine's full weights           {m.engine_weights / gib:10.2f}",
-        f"    KV cache (largest round)        {m.kv_cache / gib:10.2f}",
+        *engine,
         f"    total                           {m.total / gib:10.2f}",
     ]
     largest = sorted(vars(m).items(), key=lambda kv: -kv[1])[:2]
@@ -254,10 +293,21 @@ def format_ray_plan(cfg: Config, *, cuda: bool = True) -> str:
     ]
     args, _ = model_shape(cfg.model.path)
     if args is not None:
-        total_params, _ = parameter_count(args)
-        gib = total_params * _DTYPE_BYTES[cfg.model.dtype] / 2**30
+        gib = 2.0**30
+        weights, kv = worker_memory(cfg, args, cuda=cuda)
+        tp = lay.worker_gpus if cuda and not cfg.rollout.colocate else 1
+        where = f", {tp:g} GPUs per worker" if tp > 1 else ""
+        shared = "; add a trainer rank's total, the two share a GPU" if cfg.rollout.colocate and cuda else ""
         lines.append(
-            f"  weight sync per update            {gib:.2f} GiB ({cfg.model.dtype}) from trainer rank 0 to "
-            "each worker (gloo broadcast group)"
+            f"  worker memory ({'per GPU' if cuda else 'CPU'}, GiB)     weights {weights / gib:.2f} + KV "
+            f"cache {kv / gib:.2f} (largest round) = {(weights + kv) / gib:.2f}{where}{shared}"
+        )
+        total_params, _ = parameter_count(args)
+        size = total_params * _DTYPE_BYTES[cfg.model.dtype] / gib
+        # `distributed.weight_sync_device`: NCCL where every member has a GPU of its own, gloo otherwise
+        group = "NCCL" if cuda and not cfg.rollout.colocate else "gloo"
+        lines.append(
+            f"  weight sync per update            {size:.2f} GiB ({cfg.model.dtype}) from trainer rank 0 to "
+            f"each worker ({group} broadcast group)"
         )
     return "\n".join(lines)
