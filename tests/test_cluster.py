@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -198,27 +199,97 @@ def test_two_node_cluster(tmp_path: Path) -> None:
     assert (tmp_path / "two-nodes" / "checkpoints" / "step_000002" / "COMPLETE").is_file()
 
 
+ASYNC = ["rollout.num_workers=2", "trainer.async_rollout_steps=1", "algorithm.rollout_is_cap=2.0"]
+
+
+@pytest.fixture(scope="module")
+def async_reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The reference run with trainer.async_rollout_steps=1 (2 rollout workers, TIS on)."""
+    run_dir = ray_run(tmp_path_factory.mktemp("async"), "async", *ASYNC)
+    return {"run_dir": run_dir, "weights": final_weights(run_dir)}
+
+
 def test_async_rollout_generates_the_next_step_during_the_update(
-    reference: dict[str, Any], tmp_path: Path
+    reference: dict[str, Any], async_reference: dict[str, Any]
 ) -> None:
     """trainer.async_rollout_steps=1: every batch after the first was collected during the previous update
     (staleness 1), and truncated importance sampling corrects against the stale engine's log-probs."""
-    run_dir = ray_run(
-        tmp_path,
-        "async",
-        "rollout.num_workers=2",
-        "trainer.async_rollout_steps=1",
-        "algorithm.rollout_is_cap=2.0",
-    )
-    rows = metrics(run_dir)
+    rows = metrics(async_reference["run_dir"])
     staleness = [r["rollout/staleness"] for r in rows]
     updated = ["actor/updates" in r for r in rows]
     assert staleness[0] == 0.0
     for i in range(1, len(rows)):  # ahead exactly when the step before updated
         assert staleness[i] == float(updated[i - 1])
     assert sum(staleness) >= 2
-    weights = final_weights(run_dir)
+    weights = async_reference["weights"]
     assert any(not weights[n].equal(reference["weights"][n]) for n in weights)
+
+
+def test_async_a_worker_killed_during_the_ahead_collection_copies_a_peer_and_the_run_is_unchanged(
+    async_reference: dict[str, Any], tmp_path: Path
+) -> None:
+    """Worker 1 is SIGKILLed while the ahead collection (during an update) generates: the restarted worker
+    copies the pre-update weights from worker 0 (trainer rank 0 already holds the updated ones), its share
+    is generated again, and the run ends with the uninterrupted async run's weights."""
+    real = cluster.wait
+    killed: list[str] = []
+
+    def kill_during_ahead(refs: Any, names: Any, timeout_s: float, what: str) -> list[Any]:
+        if what == "generate" and not killed and threading.current_thread().name.startswith("dapo-ahead"):
+            killed.append(what)
+            os.kill(backends[-1].engine.pids[1], signal.SIGKILL)
+        return real(refs, names, timeout_s, what)
+
+    backends: list[cluster.RayBackend] = []
+    real_init = cluster.RayBackend.__init__
+
+    def remember(self: cluster.RayBackend, *args: Any) -> None:
+        backends.append(self)
+        real_init(self, *args)
+
+    calls: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cluster, "wait", kill_during_ahead)
+        mp.setattr(cluster.RayBackend, "__init__", remember)
+        mp.setattr(cluster.WeightSync, "form_group", spy(cluster.WeightSync.form_group, calls, "group"))
+        mp.setattr(cluster.WeightSync, "resend", spy(cluster.WeightSync.resend, calls, "resend"))
+        run_dir = ray_run(tmp_path, "async-killed", *ASYNC)
+    assert killed and sum(r["rollout/worker_restarts"] for r in metrics(run_dir)) == 1
+    assert calls == ["group", "group"]  # at the start, then before the push after the copy; no resend
+    assert_equal_weights(final_weights(run_dir), async_reference["weights"])
+
+
+def spy(fn: Any, calls: list[str], name: str) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def test_async_resume_after_killing_the_driver_is_bit_identical(
+    async_reference: dict[str, Any], ray_address: str, tmp_path: Path
+) -> None:
+    """The driver is SIGKILLed as update 3 begins: the checkpoint of step 2 holds step 3's batch,
+    collected ahead during update 2, and the resumed run trains on it and ends with the uninterrupted run's
+    weights."""
+    args = [*SHORT, *RAY, *ASYNC, f"trainer.output_dir={tmp_path}", "trainer.run_name=driver"]
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+
+    def dapo(*extra: str, **more_env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dapo", "train", *args, *extra],
+            env={**env, **more_env}, capture_output=True, text=True, timeout=900, cwd=REPO,
+        )  # fmt: skip
+
+    killed = dapo(DAPO_SIGNAL_AT="update:3:KILL")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    (ckpt,) = (tmp_path / "driver" / "checkpoints").glob("step_*")
+    assert ckpt.name == "step_000002"
+    assert json.loads((ckpt / "state.json").read_text())["collector"]["ahead"]["step"] == 3
+    resumed = dapo("--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_equal_weights(final_weights(tmp_path / "driver"), async_reference["weights"])
 
 
 def test_one_worker_samples_and_trains_what_one_process_does(ray_address: str, tmp_path: Path) -> None:

@@ -101,6 +101,7 @@ def test_default_mode_never_times(monkeypatch: pytest.MonkeyPatch) -> None:
         ("inference", "torch.float32"): "onednn", ("inference", "torch.bfloat16"): "onednn",
         ("attention", "torch.float32"): "float32", ("attention", "torch.bfloat16"): "float32",
         ("decode", "torch.float32"): "matmul", ("decode", "torch.bfloat16"): "sdpa",
+        ("precision", "torch.float32"): "model", ("precision", "torch.bfloat16"): "model",
     }  # fmt: skip
     assert kernels.mode() == "default"
 
@@ -173,3 +174,58 @@ def test_a_checkpoint_stores_the_decisions_and_a_resume_adopts_them(
     assert kernels.decide("inference", torch.float32, (64, 8, 8, 0), never) == "onednn"
     kernels.adopt({"inference:float32:64x8x8x0": "bogus", "nonsense": "aten"})  # unknown: ignored
     assert kernels.decisions()["inference:float32:64x8x8x0"] == "onednn"
+
+
+def test_precision_auto_is_timed_once_per_machine_and_only_where_bf16_mixed_can_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dapo import components
+
+    cfg = load_config("tiny", ["model.device=cpu"])
+    assert cfg.actor.precision == "auto"  # the embedded default
+    costs = {False: 0.004, True: 0.0}  # bf16 faster (a CPU with AMX)
+
+    def mlp(rows: int, hidden: int, intermediate: int, *, mixed: bool) -> Callable[[], object]:
+        assert (rows, hidden, intermediate) == (1024, 192, 1024)  # the tiny model's MLP
+        return lambda: time.sleep(costs[mixed])
+
+    monkeypatch.setattr(kernels, "time_mlp", mlp)
+    assert components.resolve_precision(cfg) == "bf16-mixed"
+    costs.update({False: 0.0, True: 0.004})
+    assert components.resolve_precision(cfg) == "bf16-mixed"  # decided once: not timed again
+    kernels._decided.clear()
+    kernels._known.clear()
+    kernels._disk = {}
+    assert components.resolve_precision(cfg) == "model"  # another machine, where float32 is faster
+    for override in ("model.dtype=bfloat16", "rollout.engine=vllm"):  # bf16-mixed cannot run: never timed
+        monkeypatch.setattr(kernels, "time_mlp", None)
+        assert components.resolve_precision(load_config("tiny", ["model.device=cpu", override])) == "model"
+    fixed = load_config("tiny", ["actor.precision=bf16-mixed"])
+    assert components.resolve_precision(fixed) == "bf16-mixed"
+    # A resumed run keeps its checkpoint's choice over this machine's cache.
+    saved = {"precision:float32:1024x192x1024": "bf16-mixed"}
+    assert components.resolve_precision(cfg, saved) == "bf16-mixed"
+
+
+def test_a_run_records_the_precision_auto_chose_and_a_resume_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dapo import distributed
+    from dapo.trainer import decide_precision
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
+    (run / "checkpoints" / "step_000002" / "COMPLETE").write_text("ok\n")
+    (run / "checkpoints" / "step_000002" / "state.json").write_text(
+        json.dumps({"kernels": {"precision:float32:1024x192x1024": "bf16-mixed"}})
+    )
+    monkeypatch.setenv(kernels.ENV, "precision=model")  # what this machine would pick now
+    fresh_run = load_config("tiny", ["model.device=cpu"])
+    decide_precision(fresh_run, distributed.World.single(), tmp_path)
+    assert fresh_run.actor.precision == "model"
+    assert "precision: model" in (tmp_path / "config.yaml").read_text()
+    monkeypatch.delenv(kernels.ENV)
+    resumed = load_config("tiny", ["model.device=cpu", "checkpoint.resume=auto"])
+    decide_precision(resumed, distributed.World.single(), run)
+    assert resumed.actor.precision == "bf16-mixed"
+    assert "precision: bf16-mixed" in (run / "config.yaml").read_text()

@@ -263,6 +263,19 @@ class RolloutWorker:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.engine.load_weights(state_dict)
 
+    def weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(full weights, version): what a restarted peer copies while the trainer is mid-update."""
+        return self.model.state_dict(), self.version
+
+    def copy_weights(self, weights: tuple[dict[str, torch.Tensor], int]) -> int:
+        """A peer's `weights` into this worker's model and engine; their version."""
+        from dapo.trainer import sync_engine_weights
+
+        state_dict, self.version = weights
+        self.model.load_state_dict(state_dict)
+        sync_engine_weights(self.engine, self.model)
+        return self.version
+
     def checksum(self) -> str:
         return distributed.weights_checksum(self.model)
 
@@ -439,6 +452,7 @@ class TrainerGroup:
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         ref = ray.put(batch)  # once in the object store, read by every rank
+        self.backend.weights.moved = True  # before any rank changes them (see `RolloutPool.revive`)
         results = self.backend.call_ranks("update", lambda r: r.update.remote(ref))
         metrics, old = results[0]
         batch.old_logprobs = old
@@ -452,6 +466,11 @@ class WeightSync:
         self.backend = backend
         self.version = 0
         self.generation = 0
+        self.regroup = False
+        """A worker restarted and took its weights from a peer: the next push forms a new group first."""
+        self.moved = False
+        """The trainer's weights changed since the last push (an update ran or runs): the workers' version
+        is no longer on trainer rank 0."""
 
     def form_group(self) -> None:
         """(Re)form the weight group: rank 0 and every worker (after a worker restarted: a new one)."""
@@ -470,6 +489,9 @@ class WeightSync:
         the ranks first gather their shards)."""
         b = self.backend
         t0 = time.perf_counter()
+        if self.regroup:
+            self.form_group()
+            self.regroup = False
         self.version += 1
         published = [r.publish.remote(self.version, gather) for r in b.ranks]
         received = [w.receive.remote() for w in b.workers]
@@ -485,6 +507,7 @@ class WeightSync:
         versions = results[len(b.ranks) :]
         if any(v != self.version for v in versions):
             raise ClusterError(f"weight sync: workers hold versions {versions}, expected {self.version}")
+        self.moved = False
         metrics = dict(results[0])
         metrics["time/weight_sync_s"] = time.perf_counter() - t0
         metrics["rollout/weights_version"] = float(self.version)
@@ -537,7 +560,11 @@ class RolloutPool:
         return distributed.gather_shares([(shares[i][0], done[i]) for i in sorted(done)])
 
     def revive(self, index: int) -> None:
-        """Wait for Ray to restart worker ``index``, then give it the current weights."""
+        """Wait for Ray to restart worker ``index``, then give it the weights the round samples with: the
+        current version from trainer rank 0, or, once the ranks have begun the next update (an async ahead
+        collection samples the weights before it), a live peer's copy through the object store, worker to
+        worker. With no peer, rank 0's weights after the update: that share is then less stale, and truncated
+        importance sampling against the engine's log-probs keeps the update exact for it too."""
         b = self.backend
         b.restarts += 1
         deadline = time.monotonic() + b.timeout_s
@@ -556,6 +583,19 @@ class RolloutPool:
                         f"{b.worker_names[index]} did not come back within {b.timeout_s:.0f} s"
                     ) from None
                 time.sleep(0.5)
+        peers = [j for j in range(len(b.workers)) if j != index]
+        for j in peers if b.weights.moved else []:
+            try:
+                wait(
+                    [b.workers[index].copy_weights.remote(b.workers[j].weights.remote())],
+                    [f"{b.worker_names[index]} (copying {b.worker_names[j]})"],
+                    b.timeout_s,
+                    "copy_weights",
+                )
+            except ActorLostError:
+                continue  # that peer died too: try the next
+            b.weights.regroup = True
+            return
         b.weights.resend()
 
     def load_weights(self, state_dict: Any) -> None:

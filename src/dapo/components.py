@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dapo.config import DataConfig, ModelConfig, RewardConfig, RolloutConfig
+from dapo.config import Config, DataConfig, ModelConfig, Precision, RewardConfig, RolloutConfig
 from dapo.data import Example, ReaderSettings, load_many
 from dapo.errors import UserError
 from dapo.rewards import RewardPool
@@ -103,6 +103,33 @@ def stop_token_ids(tokenizer: Any) -> tuple[int, ...]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id:
             ids.add(tid)
     return tuple(sorted(i for i in ids if i is not None))
+
+
+def resolve_precision(cfg: Config, saved_kernels: dict[str, str] | None = None) -> Precision:
+    """`actor.precision` with ``auto`` decided: ``bf16-mixed`` where it can run (a float32 model on CPU, the
+    native engine) and this machine's timing of the model's MLP says it is faster (`dapo.models.kernels`,
+    the ``precision`` choice, cached per machine), else ``model``. ``saved_kernels``: a checkpoint's kernel
+    choices, adopted first, so a resumed run keeps the precision it started with. Off CPU: ``model``."""
+    if cfg.actor.precision != "auto":
+        return cfg.actor.precision
+    from dapo.models import kernels
+    from dapo.plan import model_shape
+
+    args, _ = model_shape(cfg.model.path)
+    mixable = cfg.model.dtype == "float32" and cfg.rollout.engine == "native"
+    if args is None or not mixable or resolve_device(cfg.model.device).type != "cpu":
+        return "model"
+    kernels.adopt(saved_kernels or {})
+    h, i = args.hidden_size, args.intermediate_size
+    timer = functools.partial(_time_precision, rows=1024, hidden=h, intermediate=i)
+    chosen = kernels.decide("precision", torch.float32, (1024, h, i), timer)
+    return "bf16-mixed" if chosen == "bf16-mixed" else "model"
+
+
+def _time_precision(candidate: str, *, rows: int, hidden: int, intermediate: int) -> Any:
+    from dapo.models import kernels
+
+    return kernels.time_mlp(rows, hidden, intermediate, mixed=candidate == "bf16-mixed")
 
 
 def make_engine(

@@ -24,6 +24,9 @@ import yaml
 
 from dapo.errors import UserError
 
+Precision = Literal["model", "bf16-mixed", "auto"]
+"""`actor.precision`'s values."""
+
 PRESETS_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "tiny"
 
@@ -261,12 +264,15 @@ class ActorConfig:
     mini-batch)."""
     epochs: int = 1
     """Passes over each step's batch (paper: 1)."""
-    precision: Literal["model", "bf16-mixed"] = "model"
+    precision: Precision = "model"
     """"model": every tensor in `model.dtype`. "bf16-mixed": float32 master weights and AdamW states
     (`model.dtype` must be float32), the model's matmuls and attention in bf16 under autocast, the loss
     maths of `dapo.algo` in float32; the native engine samples in bf16 from a copy of the same weights
     (`rollout/mismatch_kl` measures the difference; `algorithm.rollout_is_cap` corrects for it). Faster
-    only where bf16 matmuls are (CPUs with AMX, GPUs): see docs/benchmarks.md."""
+    only where bf16 matmuls are (CPUs with AMX, GPUs): see docs/benchmarks.md. "auto" (the embedded
+    default's): "bf16-mixed" where it can run (float32 model on CPU, native engine) and a timing of the
+    model's MLP on this machine finds it faster, else "model"; decided once per machine (`dapo.models.
+    kernels`, the `precision` choice), logged, and kept by a resumed run."""
 
     def validate(self) -> None:
         _check(self.lr > 0, "actor.lr", self.lr, "a number > 0")

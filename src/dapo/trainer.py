@@ -7,6 +7,7 @@ counted separately (`filter/rounds`), so warm-up, progress and resume count upda
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -36,7 +37,7 @@ from dapo.collect import (
     Scorer,
     make_train_batch,
 )
-from dapo.config import Config, ConfigError, dump_config
+from dapo.config import Config, ConfigError, Precision, dump_config
 from dapo.data import PromptSampler
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
 from dapo.logger import NullLogger, RunLogger, environment_info, peak_rss_mb
@@ -75,6 +76,7 @@ def train(cfg: Config) -> TrainResult:
 
 def run(cfg: Config, world: distributed.World) -> TrainResult:
     run_dir = make_run_dir(cfg, world)
+    decide_precision(cfg, world, run_dir)
     # where the update, generation and scoring run: here (or on torchrun's ranks), or on Ray actors
     backend = make_backend(cfg, world, run_dir)
     try:
@@ -228,6 +230,26 @@ def make_run_dir(cfg: Config, world: distributed.World | None = None) -> Path:
     world = world or distributed.World.single()
     run_dir = _choose_run_dir(cfg) if world.is_main else None
     return Path(world.broadcast(str(run_dir)))
+
+
+def decide_precision(cfg: Config, world: distributed.World, run_dir: Path) -> None:
+    """`actor.precision=auto` decided once, by rank 0 (`components.resolve_precision`; a resumed run
+    adopts its checkpoint's kernel choices first), for every rank and actor; config.yaml then records it."""
+    if cfg.actor.precision != "auto":
+        return
+    chosen: Precision = cfg.actor.precision
+    if world.is_main:
+        mode = cfg.checkpoint.resume
+        found = list_checkpoints(run_dir)[-1:] if mode == "auto" else [] if mode == "none" else [Path(mode)]
+        saved: dict[str, str] = {}
+        for path in found:
+            with contextlib.suppress(OSError, ValueError):
+                saved = dict(json.loads((path / "state.json").read_text()).get("kernels", {}))
+        chosen = components.resolve_precision(cfg, saved)
+        print(f"actor.precision=auto: {chosen} on this machine ({kernels.describe()})")
+    cfg.actor.precision = world.broadcast(chosen)
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
 
 
 def _choose_run_dir(cfg: Config) -> Path:

@@ -12,6 +12,9 @@ Four choices, each between implementations that agree to float rounding (the tes
 - ``attention``: 16-bit SDPA computed in float32 (cast there and back) or in the input dtype. PyTorch's bf16
   CPU flash kernel lost to its float32 one on the EPYC; on CPUs with AMX the bf16 one may win.
 - ``decode``: a decode step's attention without a shared prefix as two matmuls and a softmax, or SDPA.
+- ``precision`` (``actor.precision=auto``, the embedded default's): train in float32 (``model``) or
+  ``bf16-mixed``, by timing the model's MLP forward and backward at 1024 rows both ways (`time_mlp`): bf16
+  wins where its matmuls are faster (AMX, a fast AVX512_BF16), float32 where they are not.
 
 Each choice is keyed by a shape class (dtype, the layer's widths, the row count rounded to 64 / 256 /
 1024, gradients or not) and decided once at first use: both candidates run on random data of that class
@@ -67,6 +70,7 @@ CHOICES: dict[str, tuple[str, str]] = {
     "inference": ("onednn", "aten"),
     "attention": ("float32", "native"),
     "decode": ("matmul", "sdpa"),
+    "precision": ("model", "bf16-mixed"),
 }
 """Each choice's two candidates (`_default` says which is the fixed default per dtype)."""
 
@@ -295,6 +299,23 @@ def random_like(shape: tuple[int, ...], dtype: torch.dtype, *, grad: bool = Fals
     """A random tensor for a timing workload (values do not matter for speed), drawn from a private
     generator."""
     return torch.randn(shape, generator=_timing_rng).to(dtype).requires_grad_(grad)
+
+
+def time_mlp(rows: int, hidden: int, intermediate: int, *, mixed: bool) -> Callable[[], object]:
+    """A timing workload: a SwiGLU MLP's forward and backward on ``rows`` tokens with float32 weights, under
+    bf16 autocast when ``mixed`` (the casts included, as `actor.precision=bf16-mixed` pays them)."""
+    x = random_like((rows, hidden), torch.float32, grad=True)
+    up = random_like((2 * intermediate, hidden), torch.float32, grad=True)
+    down = random_like((hidden, intermediate), torch.float32, grad=True)
+
+    def run() -> object:
+        with torch.autocast("cpu", torch.bfloat16, enabled=mixed):
+            gate, value = F.linear(x, up).chunk(2, dim=-1)
+            out = F.linear(F.silu(gate) * value, down)
+        out.float().sum().backward()
+        return out
+
+    return run
 
 
 def time_sdpa(
