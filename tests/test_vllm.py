@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -218,11 +219,20 @@ def test_dapo_train_with_vllm_learns_and_stays_on_policy(tmp_path: Path) -> None
     assert versions == sorted(versions) and len(set(versions)) == len(versions)  # one sync per update
 
 
+def assert_synced(steps: list[dict[str, float]]) -> None:
+    """An engine that samples from the trainer's weights: mismatch KL below the issue's 1e-3 at every step,
+    and at the level of float32 rounding (< 1e-6) at the median step (a rare low-probability token can cost
+    ~1e-4 in one step; an engine left unsynced drifts to ~1e-3 within steps at lr 3e-4, at every step)."""
+    kl = sorted(r["rollout/mismatch_kl"] for r in steps)
+    print(f"mismatch KL per step, sorted: {', '.join(f'{v:.1e}' for v in kl)}")
+    assert kl[-1] < 1e-3 and statistics.median(kl) < 1e-6, kl
+
+
 @pytest.mark.slow
 def test_data_parallel_ranks_each_run_a_synced_vllm_engine(tmp_path: Path) -> None:
     """`torchrun --nproc-per-node 2 -m dapo train rollout.engine=vllm`: each rank's engine joins the launched
     world (vLLM's external launcher), generates its share, and is synced after every update: the engines'
-    log-probs match the sharded trainer's at every step (mismatch KL < 1e-4; measured 4e-9 to 2e-5, and 2.3e-3
+    log-probs match the sharded trainer's at every step (`assert_synced`; measured 4e-9 to 2e-5, and 2.3e-3
     when rank 1's engine is left unsynced at this learning rate)."""
     args = ["rollout.engine=vllm", "trainer.total_steps=4", "trainer.prompts_per_step=16", "actor.lr=3e-4",
             "evaluation.every_steps=0", "evaluation.before_training=false", "evaluation.max_prompts=16",
@@ -236,8 +246,8 @@ def test_data_parallel_ranks_each_run_a_synced_vllm_engine(tmp_path: Path) -> No
     assert "Using external launcher" in run.stdout + run.stderr
     rows = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "rollout/mismatch_kl" in r]
-    print(f"max mismatch KL {max(r['rollout/mismatch_kl'] for r in steps):.2e}")
-    assert len(steps) == 4 and max(r["rollout/mismatch_kl"] for r in steps) < 1e-4
+    assert len(steps) == 4
+    assert_synced(steps)
     versions = [r["rollout/weights_version"] for r in steps]
     assert versions == sorted(versions) and len(set(versions)) == len(versions) >= 3  # one sync per update
     assert any("eval/arithmetic/avg@8" in r for r in rows)
@@ -247,7 +257,8 @@ def test_data_parallel_ranks_each_run_a_synced_vllm_engine(tmp_path: Path) -> No
 def test_ray_rollout_workers_run_vllm_engines(tmp_path: Path) -> None:
     """`dapo train trainer.backend=ray rollout.engine=vllm`: a RolloutWorker actor builds its vLLM engine
     (vLLM's own one-process world, beside the weight group) and every broadcast reaches the engine's copy:
-    its log-probs match the trainer's (mismatch KL < 1e-4) at every step, one weights version per update."""
+    its log-probs match the trainer's at every step (`assert_synced`; measured 1e-10 to 1e-9, one step
+    1.1e-4), one weights version per update."""
     pytest.importorskip("ray", reason="Ray is not installed in this venv: run `make setup-vllm` again")
     from tests.test_e2e import SHORT
 
@@ -260,7 +271,7 @@ def test_ray_rollout_workers_run_vllm_engines(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "rollout/mismatch_kl" in r]
-    print(f"max mismatch KL {max(r['rollout/mismatch_kl'] for r in steps):.2e}")
-    assert len(steps) >= 3 and max(r["rollout/mismatch_kl"] for r in steps) < 1e-4
+    assert len(steps) >= 3
+    assert_synced(steps)
     versions = [r["rollout/weights_version"] for r in steps]
     assert versions == sorted(versions) and len(set(versions)) == len(versions)
