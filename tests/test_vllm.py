@@ -234,7 +234,7 @@ def test_data_parallel_ranks_each_run_a_synced_vllm_engine(tmp_path: Path) -> No
     """`torchrun --nproc-per-node 2 -m dapo train rollout.engine=vllm`: each rank's engine joins the launched
     world (vLLM's external launcher), generates its share, and is synced after every update: the engines'
     log-probs match the sharded trainer's at every step (`assert_synced`; measured 1.5e-9 to 3.1e-9, 2.3e-3
-    with rank 1's engine is left unsynced at this learning rate)."""
+    with rank 1's engine left unsynced at this learning rate)."""
     args = ["rollout.engine=vllm", "trainer.total_steps=4", "trainer.prompts_per_step=16", "actor.lr=3e-4",
             "algorithm.dynamic_sampling=false",
             "evaluation.every_steps=0", "evaluation.before_training=false", "evaluation.max_prompts=16",
