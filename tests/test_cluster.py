@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,34 @@ def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert a[name].equal(b[name]), name
 
 
+def driver(ray_address: str, tmp: Path, *overrides: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`dapo train` of the short Ray run named "driver" in a child process, on the tests' Ray cluster; call
+    it with extra arguments and environment variables."""
+    args = [*SHORT, *RAY, *overrides, f"trainer.output_dir={tmp}", "trainer.run_name=driver"]
+
+    def dapo(*extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dapo", "train", *args, *extra],
+            env={**os.environ, "RAY_ADDRESS": ray_address, **env}, capture_output=True, text=True,
+            timeout=900, cwd=REPO,
+        )  # fmt: skip
+
+    return dapo
+
+
+def remember_backends(mp: pytest.MonkeyPatch) -> list[cluster.RayBackend]:
+    """Every `RayBackend` built while ``mp`` is active, in order (a test reaches the workers' pids)."""
+    backends: list[cluster.RayBackend] = []
+    real_init = cluster.RayBackend.__init__
+
+    def remember(self: cluster.RayBackend, *args: Any) -> None:
+        backends.append(self)
+        real_init(self, *args)
+
+    mp.setattr(cluster.RayBackend, "__init__", remember)
+    return backends
+
+
 @pytest.fixture(scope="module")
 def reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The reference run (1 trainer rank, 2 rollout workers), every weight sync checked: after each one,
@@ -122,16 +150,9 @@ def test_a_worker_killed_mid_generation_is_restarted_and_the_run_unchanged(
                 os.kill(pool.pids[1], signal.SIGKILL)
         return real(refs, names, timeout_s, what)
 
-    backends: list[cluster.RayBackend] = []
-    real_init = cluster.RayBackend.__init__
-
-    def remember(self: cluster.RayBackend, *args: Any) -> None:
-        backends.append(self)
-        real_init(self, *args)
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cluster, "wait", kill_during_generate)
-        mp.setattr(cluster.RayBackend, "__init__", remember)
+        backends = remember_backends(mp)
         run_dir = ray_run(tmp_path, "killed", "rollout.num_workers=2")
     rows = metrics(run_dir)
     assert sum(r["rollout/worker_restarts"] for r in rows) == 1
@@ -141,21 +162,7 @@ def test_a_worker_killed_mid_generation_is_restarted_and_the_run_unchanged(
 def test_resume_after_killing_the_driver_is_bit_identical(
     reference: dict[str, Any], ray_address: str, tmp_path: Path
 ) -> None:
-    args = [
-        *SHORT,
-        *RAY,
-        "rollout.num_workers=2",
-        f"trainer.output_dir={tmp_path}",
-        "trainer.run_name=driver",
-    ]
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
-
-    def dapo(*extra: str, **more_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "dapo", "train", *args, *extra],
-            env={**env, **more_env}, capture_output=True, text=True, timeout=900, cwd=REPO,
-        )  # fmt: skip
-
+    dapo = driver(ray_address, tmp_path, "rollout.num_workers=2")
     killed = dapo(DAPO_SIGNAL_AT="update:3:KILL")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert [p.name for p in (tmp_path / "driver" / "checkpoints").glob("step_*")] == ["step_000002"]
@@ -240,17 +247,10 @@ def test_async_a_worker_killed_during_the_ahead_collection_copies_a_peer_and_the
             os.kill(backends[-1].engine.pids[1], signal.SIGKILL)
         return real(refs, names, timeout_s, what)
 
-    backends: list[cluster.RayBackend] = []
-    real_init = cluster.RayBackend.__init__
-
-    def remember(self: cluster.RayBackend, *args: Any) -> None:
-        backends.append(self)
-        real_init(self, *args)
-
     calls: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cluster, "wait", kill_during_ahead)
-        mp.setattr(cluster.RayBackend, "__init__", remember)
+        backends = remember_backends(mp)
         mp.setattr(cluster.WeightSync, "form_group", spy(cluster.WeightSync.form_group, calls, "group"))
         mp.setattr(cluster.WeightSync, "resend", spy(cluster.WeightSync.resend, calls, "resend"))
         run_dir = ray_run(tmp_path, "async-killed", *ASYNC)
@@ -273,15 +273,7 @@ def test_async_resume_after_killing_the_driver_is_bit_identical(
     """The driver is SIGKILLed as update 3 begins: the checkpoint of step 2 holds step 3's batch,
     collected ahead during update 2, and the resumed run trains on it and ends with the uninterrupted run's
     weights."""
-    args = [*SHORT, *RAY, *ASYNC, f"trainer.output_dir={tmp_path}", "trainer.run_name=driver"]
-    env = {**os.environ, "RAY_ADDRESS": ray_address}
-
-    def dapo(*extra: str, **more_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "dapo", "train", *args, *extra],
-            env={**env, **more_env}, capture_output=True, text=True, timeout=900, cwd=REPO,
-        )  # fmt: skip
-
+    dapo = driver(ray_address, tmp_path, *ASYNC)
     killed = dapo(DAPO_SIGNAL_AT="update:3:KILL")
     assert killed.returncode == -9, killed.stderr[-3000:]
     (ckpt,) = (tmp_path / "driver" / "checkpoints").glob("step_*")
