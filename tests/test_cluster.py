@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from dapo import cluster
 from dapo.config import load_config
+from dapo.models import kernels
 from dapo.trainer import train
 from tests.test_e2e import SHORT
 
@@ -284,9 +285,14 @@ def test_async_resume_after_killing_the_driver_is_bit_identical(
     assert_equal_weights(final_weights(tmp_path / "driver"), async_reference["weights"])
 
 
-def test_one_worker_samples_and_trains_what_one_process_does(ray_address: str, tmp_path: Path) -> None:
+def test_one_worker_samples_and_trains_what_one_process_does(
+    ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """1 trainer rank + 1 rollout worker: the round's seed is the worker's, the update the single-process
-    one, so the run ends with the local run's weights bit for bit."""
+    one, so the run ends with the local run's weights bit for bit. The kernels are forced (the driver's
+    DAPO_KERNELS reaches the actors): the trainer rank runs 1 thread where the local run has 2, and each
+    thread count times its own kernel choices, which may differ (oneDNN and ATen agree to rounding only)."""
+    monkeypatch.setenv(kernels.ENV, "precision=model,linear=aten,inference=aten,attention=float32")
     local = load_config(None, [*SHORT, f"trainer.output_dir={tmp_path}", "trainer.run_name=local"])
     assert_equal_weights(
         final_weights(ray_run(tmp_path, "ray", "rollout.num_workers=1")), final_weights(train(local).run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,6 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No decisions in the process, an empty cache directory, no DAPO_KERNELS."""
     monkeypatch.setattr(kernels, "_decided", {})
     monkeypatch.setattr(kernels, "_known", {})
-    monkeypatch.setattr(kernels, "_disk", None)
     monkeypatch.setenv("DAPO_CACHE", str(tmp_path))
     monkeypatch.delenv(kernels.ENV, raising=False)
     return tmp_path
@@ -51,10 +51,41 @@ def test_the_faster_candidate_wins_and_is_cached_in_process_and_on_disk(fresh: P
     assert saved["machine"]["cpu"] == kernels.cpu_info()["cpu"]
     kernels._decided.clear()
     kernels._known.clear()
-    kernels._disk = None  # a new process on the same machine: read from the file, no timing
+    # a new process on the same machine: read from the file, no timing
     assert kernels.decide("linear", torch.float32, (64, 8, 8, 0), slow_default) == "aten"
     assert calls == []
     assert "shape classes decided: linear:float32 aten x1;" in kernels.describe()
+
+
+def test_processes_on_one_machine_share_one_decision_per_shape_class(fresh: Path) -> None:
+    """What another process decided (and wrote) after this one read the cache is taken, not re-timed;
+    two deciding at once take turns, so both run the first one's winner; the file keeps every decision."""
+    kernels.decide("linear", torch.float32, (64, 8, 8, 0), sleeper({"onednn": 0.0, "aten": 0.004}, []))
+    kernels._save(kernels._load(), "inference:float32:64x8x8x0", "aten")  # another process's decision
+
+    def never(candidate: str) -> Callable[[], object]:
+        raise AssertionError("decided by another process: not timed again")
+
+    assert kernels.decide("inference", torch.float32, (64, 8, 8, 0), never) == "aten"
+    results: list[str] = []
+
+    def decide(winner: str) -> None:  # each "process" would time its own winner
+        loser = next(c for c in kernels.CHOICES["decode"] if c != winner)
+        timer = sleeper({winner: 0.002, loser: 0.02}, [])
+        results.append(kernels.decide("decode", torch.float32, (256, 8), timer))
+
+    threads = [threading.Thread(target=decide, args=(w,)) for w in kernels.CHOICES["decode"]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and results[0] == results[1]
+    (path,) = (fresh / "kernels").glob("*.json")
+    assert json.loads(path.read_text())["decisions"] == {
+        "linear:float32:64x8x8x0": "onednn",
+        "inference:float32:64x8x8x0": "aten",
+        "decode:float32:256x8": results[0],
+    }
 
 
 def test_near_ties_and_failures_keep_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -165,7 +196,7 @@ def test_a_checkpoint_stores_the_decisions_and_a_resume_adopts_them(
     # A new process whose timing (or cache file) would now pick the other candidate: the resume wins.
     kernels._decided.clear()
     kernels._known.clear()
-    kernels._disk = {"inference:float32:64x8x8x0": "aten"}
+    kernels._save({}, "inference:float32:64x8x8x0", "aten")
     restore_rng(state)
 
     def never(candidate: str) -> Callable[[], object]:
@@ -195,7 +226,7 @@ def test_precision_auto_is_timed_once_per_machine_and_only_where_bf16_mixed_can_
     assert components.resolve_precision(cfg) == "bf16-mixed"  # decided once: not timed again
     kernels._decided.clear()
     kernels._known.clear()
-    kernels._disk = {}
+    kernels._cache_file().unlink()
     assert components.resolve_precision(cfg) == "model"  # another machine, where float32 is faster
     for override in ("model.dtype=bfloat16", "rollout.engine=vllm"):  # bf16-mixed cannot run: never timed
         monkeypatch.setattr(kernels, "time_mlp", None)

@@ -261,6 +261,7 @@ def test_transformers_model_gives_the_same_update(tmp_path: Path) -> None:
         assert float(off.float().mean()) < 0.01, name
 
 
+@pytest.mark.usefixtures("kernel_path")
 def test_bf16_mixed_keeps_float32_masters_and_matches_the_float32_update() -> None:
     """`actor.precision=bf16-mixed`: the forward runs in bf16 (log-probs differ from float32 by bf16
     rounding only: <= 0.05 nats here), the loss within 2% of float32's, gradients within 10% (relative

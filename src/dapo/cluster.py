@@ -51,6 +51,7 @@ from torch.distributed import TCPStore  # type: ignore[attr-defined]
 from dapo import components, distributed
 from dapo.config import Config
 from dapo.errors import UserError
+from dapo.models import kernels
 from dapo.plan import ray_layout
 from dapo.preempt import fault_point
 from dapo.rewards import ScoreBatch
@@ -343,11 +344,14 @@ class RayBackend:
         lay = ray_layout(cfg, cuda=_uses_cuda(cfg))
         self.pgs = [placement_group(lay.trainer_bundles, strategy="PACK")]
         _ready(self.pgs[0], f"{ranks} trainer rank(s)", self.timeout_s)
-        # fault injection reaches the ranks (`rank_update`, see TrainerRank.update)
+        # fault injection reaches the ranks (`rank_update`, see TrainerRank.update); the driver's kernel
+        # overrides reach every actor (each times its own choices otherwise: `dapo.models.kernels`)
         env = {
             "OMP_NUM_THREADS": str(cfg.trainer.ray_cpus_per_actor),
             "DAPO_SIGNAL_AT": os.environ.get("DAPO_SIGNAL_AT", ""),
         }
+        if kernels.ENV in os.environ:
+            env[kernels.ENV] = os.environ[kernels.ENV]
         trainer_cls = ray.remote(TrainerRank)
         self.ranks = [
             trainer_cls.options(

@@ -22,7 +22,8 @@ Each choice is keyed by a shape class (dtype, the layer's widths, the row count 
 which then stays (near-ties would otherwise flip from run to run). Decisions are kept for the process and
 written to ``<dapo cache>/kernels/<machine>.json`` (machine = CPU model, ISA flags, torch version, thread
 count), so later processes on the same machine take the same kernels without timing again (the same
-numerics run to run). A checkpoint stores the decisions its process made and a resume adopts them, so a
+numerics run to run). A miss re-reads the file under a lock on it (`_machine_lock`): processes deciding at
+once take turns, and each takes what another decided first. A checkpoint stores the decisions its process made and a resume adopts them, so a
 resumed run is bit-identical to an uninterrupted one even on a fresh cache. Timing draws its random inputs
 from a private generator: whether a decision was timed or read never moves torch's global RNG.
 
@@ -35,6 +36,7 @@ nothing is timed: ATen, the input dtype and SDPA.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -83,7 +85,6 @@ _known: dict[tuple[str, torch.dtype, tuple[int, ...]], str] = {}
 """`_decided` by (choice, dtype, shape) tuples, for the hot path."""
 _forced: dict[str, str] = {}
 """Choices forced by `forced` (tests), over ``DAPO_KERNELS``."""
-_disk: dict[str, str] | None = None
 
 
 def _default(choice: str, dtype: torch.dtype) -> str:
@@ -159,10 +160,16 @@ def decide(
     if fast in _known:
         return _known[fast]
     key = f"{choice}:{str(dtype).removeprefix('torch.')}:{'x'.join(map(str, shape))}"
-    hit = _decided.get(key) or _load().get(key)
-    if hit not in CHOICES[choice]:
-        hit = _measure(choice, dtype, timer)
-        _save(key, hit)
+    hit = _decided.get(key)
+    if hit is None:
+        # one decision per machine: processes starting together (a Ray trainer and its rollout workers, a
+        # test and its subprocesses) take turns, and each reads what the others decided before timing
+        with _machine_lock():
+            disk = _load()
+            hit = disk.get(key)
+            if hit not in CHOICES[choice]:
+                hit = _measure(choice, dtype, timer)
+                _save(disk, key, hit)
     _decided[key] = _known[fast] = hit
     return hit
 
@@ -266,23 +273,36 @@ def _cache_file() -> Path:
     return default_cache_dir() / "kernels" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
 
 
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    """An exclusive lock on this machine's cache file while a decision is read or made (none where the
+    cache cannot be written: then each process decides alone)."""
+    path = _cache_file().with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def _load() -> dict[str, str]:
-    global _disk
-    if _disk is None:
-        try:
-            _disk = dict(json.loads(_cache_file().read_text()).get("decisions", {}))
-        except (OSError, ValueError, AttributeError):
-            _disk = {}
-    return _disk
+    """The decisions in this machine's cache file now (read on each miss: other processes add to it)."""
+    try:
+        return dict(json.loads(_cache_file().read_text()).get("decisions", {}))
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
-def _save(key: str, value: str) -> None:
-    """Add a decision to the cache file (best effort: a read-only cache only costs re-timing)."""
-    disk = _load()
+def _save(disk: dict[str, str], key: str, value: str) -> None:
+    """Add a decision to the cache file read as ``disk`` under `_machine_lock` (best effort: a read-only
+    cache only costs re-timing)."""
     disk[key] = value
     path = _cache_file()
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(
             json.dumps({"machine": cpu_info(), "torch": torch.__version__, "decisions": disk}, indent=1)

@@ -350,9 +350,13 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
     float32 is also the more accurate."""
     if q.device.type == "cpu":
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-        if dtype in _HALF and _attention_choice(q, k, dtype, **kwargs) == "float32":
+        if dtype in _HALF:
+            # under autocast q and k leave RoPE in float32 (cos/sin are float32) while v is bf16: cast all
+            # three here, since a mask subclass (`torch.nn.attention.bias`) checks dtypes before autocast
+            work = torch.float32 if _attention_choice(q, k, dtype, **kwargs) == "float32" else dtype
             with torch.autocast("cpu", enabled=False):
-                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(dtype)
+                out = F.scaled_dot_product_attention(q.to(work), k.to(work), v.to(work), **kwargs)
+            return out.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
