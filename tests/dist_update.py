@@ -2,7 +2,8 @@
 `torchrun --nproc-per-node 2 -m tests.dist_update OUT`.
 
 Writes `<out>/<case>.pt` from rank 0: the full parameters after the update, for each loss aggregation and
-micro-batch size, and for a per-rank-normalised negative control (each rank divides by its own count).
+micro-batch size, for a per-rank-normalised negative control (each rank divides by its own count), and
+under `actor.precision=bf16-mixed` (FSDP2-sharded float32 masters, bf16 autocast compute).
 """
 
 from __future__ import annotations
@@ -29,9 +30,18 @@ class PerRankWorld(distributed.World):
         return [float(v) for v in values]
 
 
-def update(world: distributed.World, aggregation: str, micro: int) -> dict[str, torch.Tensor]:
+def update(
+    world: distributed.World, aggregation: str, micro: int, precision: str = "model"
+) -> dict[str, torch.Tensor]:
     train_model, plain = distributed.parallelize(tiny_model(), world)
-    cfg = ActorConfig(lr=LR, warmup_steps=0, mini_batch_size=MINI, micro_batch_size=micro, weight_decay=0.1)
+    cfg = ActorConfig(
+        lr=LR,
+        warmup_steps=0,
+        mini_batch_size=MINI,
+        micro_batch_size=micro,
+        weight_decay=0.1,
+        precision=precision,  # type: ignore[arg-type]
+    )
     actor = Actor(
         train_model,
         cfg,
@@ -71,6 +81,7 @@ def main() -> None:
             results[f"{aggregation}-{micro}"] = update(world, aggregation, micro)
     control = PerRankWorld(**{f: getattr(world, f) for f in world.__dataclass_fields__})
     results["per-rank-token-mean-1"] = update(control, "token-mean", 1)
+    results["bf16-mixed-token-mean-1"] = update(world, "token-mean", 1, "bf16-mixed")
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(results, out / "updates.pt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from pathlib import Path
@@ -259,6 +260,48 @@ def test_transformers_model_gives_the_same_update(tmp_path: Path) -> None:
         # ~lr * sign(g) step either way with another CPU's rounding); a wrong gradient moves most of them
         off = (hf_state[name] - value).abs() > 1e-5
         assert float(off.float().mean()) < 0.01, name
+
+
+def weight_casts(run: Any, params: list[torch.Tensor]) -> int:
+    """How many casts (``aten::_to_copy``, autocast's) ``run()`` makes of float32 tensors shaped as ``params``
+    (the bf16 gradients' casts back, one per backward, are not counted)."""
+    shapes = [list(p.shape) for p in params if p.dim() == 2]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    return sum(
+        e.name == "aten::_to_copy" and e.input_shapes[0] in shapes and e.input_dtypes[0] == "float"
+        for e in prof.events()
+    )
+
+
+def test_bf16_mixed_casts_each_weight_once_per_mini_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16-mixed the micro-batches of a mini-batch (and of a log-prob pass) share the first one's
+    bf16 weight copies (autocast's cache, kept by `Actor._casts_kept`): 4 micro-batches cast each weight
+    once, not 4 times, and the update is bit for bit the one that casts every time."""
+    base, batch = tiny_model(), random_batch()
+    cfg = ActorConfig(
+        lr=1e-3,
+        warmup_steps=0,
+        mini_batch_size=8,
+        micro_batch_size=2,
+        weight_decay=0.0,
+        precision="bf16-mixed",
+    )
+    weights, casts = {}, {}
+    for kept in (True, False):
+        model = copy.deepcopy(base)
+        actor = Actor(model, cfg, AlgorithmConfig(), temperature=1.0, max_response_length=8)
+        if not kept:
+            monkeypatch.setattr(actor, "_casts_kept", contextlib.nullcontext)
+
+        def run(actor: Actor = actor) -> None:
+            actor.compute_logprobs(batch)
+            actor.update(copy.deepcopy(batch))
+
+        casts[kept] = weight_casts(run, list(model.parameters()))
+        weights[kept] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False], strict=True))
+    assert casts[True] > 0 and casts[False] == 4 * casts[True]
 
 
 @pytest.mark.usefixtures("kernel_path")

@@ -192,6 +192,20 @@ class Actor:
             )
         return logits.float()
 
+    def _casts_kept(self) -> contextlib.AbstractContextManager[object]:
+        """Around the micro-batches of one set of weights (a log-prob pass, a mini-batch before its
+        optimizer step). Under bf16-mixed: a disabled autocast region, which keeps autocast's nesting above
+        zero, so the bf16 copies of the weights that the first micro-batch's forward casts (autocast's cache)
+        serve the later ones instead of being cast again; the cache empties when it exits, before the
+        optimizer moves the weights. The backward passes inside it run with autocast off, as outside.
+
+        Not with FSDP2 (`World.distributed`): it gathers each layer's weights again for every micro-batch
+        and hooks their gradients there, which a cached cast of an earlier gather bypasses (the gradients of
+        the sharded layers came out 15-33% off, tests/test_distributed.py)."""
+        if self.cfg.precision != "bf16-mixed" or self.world.distributed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
     def _token_stats(self, mb: TrainBatch) -> algo.TokenStats:
         return algo.token_stats_from_logits(self._logits(mb), mb.response_ids, temperature=self.temperature)
 
@@ -203,11 +217,12 @@ class Actor:
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
         for start in range(0, len(batch), self.cfg.mini_batch_size):
             rows, count = self._share(start, min(start + self.cfg.mini_batch_size, len(batch)))
-            for lo, mb in self._micro_batches(batch, rows, count):
-                logits = self._logits(mb)
-                lp = algo.logprobs_from_logits(logits, mb.response_ids, temperature=self.temperature)
-                if lo >= 0:
-                    out[lo : lo + len(mb), : lp.shape[1]] = (lp * mb.response_mask).cpu()
+            with self._casts_kept():
+                for lo, mb in self._micro_batches(batch, rows, count):
+                    logits = self._logits(mb)
+                    lp = algo.logprobs_from_logits(logits, mb.response_ids, temperature=self.temperature)
+                    if lo >= 0:
+                        out[lo : lo + len(mb), : lp.shape[1]] = (lp * mb.response_mask).cpu()
         return out
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -244,16 +259,17 @@ class Actor:
                 denom = algo.safe_denominator(self.world.sum([local])[0])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = 0.0
-                for lo, mb in self._micro_batches(batch, rows, count):
-                    fill = batch.old_logprobs if 0 <= lo < on_policy_rows else None
-                    loss, stats = self._micro_loss(mb, denom, fill_old=fill, row=lo)
-                    loss.backward()
-                    loss_total += float(loss.detach())
-                    w = stats.pop("tokens")
-                    if w > 0:
-                        tokens_seen += w
-                        for k, v in stats.items():
-                            sums[k] += v * w
+                with self._casts_kept():
+                    for lo, mb in self._micro_batches(batch, rows, count):
+                        fill = batch.old_logprobs if 0 <= lo < on_policy_rows else None
+                        loss, stats = self._micro_loss(mb, denom, fill_old=fill, row=lo)
+                        loss.backward()
+                        loss_total += float(loss.detach())
+                        w = stats.pop("tokens")
+                        if w > 0:
+                            tokens_seen += w
+                            for k, v in stats.items():
+                                sums[k] += v * w
                 on_policy_rows = 0  # filled in: later epochs read them like any other mini-batch
                 loss_total = self.world.sum([loss_total])[0]  # every rank takes the same skip decision
                 gnorm = self._clip_gradients()
