@@ -85,10 +85,8 @@ def test_two_ranks_update_equals_one_process(tmp_path: Path) -> None:
     # bf16-mixed on FSDP2-sharded float32 masters: each mini-batch's summed gradient is one process's to
     # bf16 rounding (each rank computes its rows in bf16; the reduction is float32): 0.25% of the norm
     # over all weights measured, where a cast cached across micro-batches was 15-33% off per layer weight
-    mixed, single = (
-        results["bf16-mixed-token-mean-1"],
-        dist_update.update(World.single(), "token-mean", 1, "bf16-mixed"),
-    )
+    mixed = results["bf16-mixed-token-mean-1"]
+    single = dist_update.update(World.single(), "token-mean", 1, "bf16-mixed")
     for name in (n for n in single if n.startswith("grad")):
         assert mixed[name].dtype == torch.float32
         assert (mixed[name] - single[name]).norm() <= 0.02 * single[name].norm(), name

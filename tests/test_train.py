@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +263,7 @@ def test_transformers_model_gives_the_same_update(tmp_path: Path) -> None:
         assert float(off.float().mean()) < 0.01, name
 
 
-def weight_casts(run: Any, params: list[torch.Tensor]) -> int:
+def weight_casts(run: Callable[[], object], params: list[torch.Tensor]) -> int:
     """How many casts (``aten::_to_copy``, autocast's) ``run()`` makes of float32 tensors shaped as ``params``
     (the bf16 gradients' casts back, one per backward, are not counted)."""
     shapes = [list(p.shape) for p in params if p.dim() == 2]

@@ -215,9 +215,9 @@ class Actor:
         micro-batches; with several ranks, each computes its share of each mini-batch (rows of the others
         stay 0)."""
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
-        for start in range(0, len(batch), self.cfg.mini_batch_size):
-            rows, count = self._share(start, min(start + self.cfg.mini_batch_size, len(batch)))
-            with self._casts_kept():
+        with self._casts_kept():  # one set of weights for the whole pass
+            for start in range(0, len(batch), self.cfg.mini_batch_size):
+                rows, count = self._share(start, min(start + self.cfg.mini_batch_size, len(batch)))
                 for lo, mb in self._micro_batches(batch, rows, count):
                     logits = self._logits(mb)
                     lp = algo.logprobs_from_logits(logits, mb.response_ids, temperature=self.temperature)

@@ -25,8 +25,8 @@ count), so later processes on the same machine take the same kernels without tim
 numerics run to run). A miss re-reads the file under a lock on it (`_machine_lock`): processes deciding at
 once take turns, and each takes what another decided first. A checkpoint stores the decisions its process
 made and a resume adopts them, so a resumed run is bit-identical to an uninterrupted one even on a fresh
-cache. Timing draws its random inputs
-from a private generator: whether a decision was timed or read never moves torch's global RNG.
+cache. Timing draws its random inputs from a private generator: whether a decision was timed or read never
+moves torch's global RNG.
 
 ``DAPO_KERNELS`` (environment) overrides: ``measure`` (the default: as above), ``default`` (no timing: the
 fixed rules below, the same on every machine), or comma-separated forced choices such as
