@@ -2,14 +2,17 @@
 `torchrun --nproc-per-node 2 -m tests.dist_update OUT`.
 
 Writes `<out>/<case>.pt` from rank 0: the full parameters after the update, for each loss aggregation and
-micro-batch size, for a per-rank-normalised negative control (each rank divides by its own count), and
-under `actor.precision=bf16-mixed` (FSDP2-sharded float32 masters, bf16 autocast compute).
+micro-batch size, for a per-rank-normalised negative control (each rank divides by its own count), under
+`actor.precision=bf16-mixed` (FSDP2-sharded float32 masters, bf16 autocast compute), and with the memory
+settings on (`MEMORY`: activation checkpointing inside FSDP2, the chunked LM head, token-budget
+micro-batches, whose counts differ between the ranks' shares).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +24,7 @@ from tests.test_train import random_batch, tiny_model
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 BATCH, MINI = 10, 5  # two mini-batches of 5 responses: shares of 3 and 2 rows on 2 ranks
 LR = 1e-6  # the paper's learning rate
+MEMORY = {"activation_checkpointing": True, "logits_chunk_tokens": 5, "max_tokens_per_micro_batch": 14}
 
 
 class PerRankWorld(distributed.World):
@@ -31,9 +35,10 @@ class PerRankWorld(distributed.World):
 
 
 def update(
-    world: distributed.World, aggregation: str, micro: int, precision: str = "model"
+    world: distributed.World, aggregation: str, micro: int, precision: str = "model", **settings: Any
 ) -> dict[str, torch.Tensor]:
-    train_model, plain = distributed.parallelize(tiny_model(), world)
+    checkpointing = bool(settings.get("activation_checkpointing", False))
+    train_model, plain = distributed.parallelize(tiny_model(), world, activation_checkpointing=checkpointing)
     cfg = ActorConfig(
         lr=LR,
         warmup_steps=0,
@@ -41,6 +46,7 @@ def update(
         micro_batch_size=micro,
         weight_decay=0.1,
         precision=precision,  # type: ignore[arg-type]
+        **settings,
     )
     actor = Actor(
         train_model,
@@ -82,6 +88,8 @@ def main() -> None:
     control = PerRankWorld(**{f: getattr(world, f) for f in world.__dataclass_fields__})
     results["per-rank-token-mean-1"] = update(control, "token-mean", 1)
     results["bf16-mixed-token-mean-1"] = update(world, "token-mean", 1, "bf16-mixed")
+    for aggregation in ("token-mean", "seq-mean-token-mean"):
+        results[f"memory-{aggregation}"] = update(world, aggregation, MINI, **MEMORY)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(results, out / "updates.pt")

@@ -17,6 +17,9 @@ function                               implements
 ``logprobs_from_logits``, ``entropy_from_logits``, ``token_stats_from_logits``
                                        r_it of Eq. 8 needs log π(o_it); entropy and probability are the
                                        training dynamics of §4.3. Chunked over rows.
+``token_stats_from_hidden``, ``logprobs_from_hidden``
+                                       the same from the final hidden states and the output projection,
+                                       a chunk of tokens at a time: never a [tokens x vocabulary] tensor
 ``mismatch_kl``, ``truncated_is_weights``
                                        train/rollout mismatch (paper.md), not in the paper
 ``masked_sum``, ``masked_mean``        helpers
@@ -370,6 +373,105 @@ def _token_pass(
     flat_logits = logits.reshape(-1, logits.shape[-1])  # [N, V]; a view when logits are contiguous
     flat_tokens = tokens.reshape(-1).long()  # [N]
     out = _ChunkedLogprob.apply(flat_logits, flat_tokens, temperature, chunk_size, with_entropy)
+    logp, entropy = cast(tuple[Tensor, Tensor], out)
+    return logp.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else entropy
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """log π(token) and entropy from hidden states ``[N, D]`` and the output projection ``[V, D]``, a chunk of
+    rows at a time, in forward and backward: only one chunk's logits ``[c, V]`` ever exist.
+
+    Saves the hidden states, the weight (both held anyway) and the log-sum-exp ``[N]``; backward recomputes
+    each chunk's logits and softmax, then d hidden = d logits @ W and d W += d logitsᵀ @ hidden. The logits
+    are computed in the inputs' dtype (bf16 under mixed precision, as the unchunked head's matmul) and the
+    softmax maths in at least fp32, as `_chunked_forward`; the weight's gradient sums the chunks in fp32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        tokens: Tensor,
+        temperature: float,
+        chunk_size: int,
+        with_entropy: bool,
+    ) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        logp = torch.empty(n, dtype=dtype, device=hidden.device)
+        lse = torch.empty(n, dtype=dtype, device=hidden.device)
+        entropy = torch.empty(n if with_entropy else 0, dtype=dtype, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = hidden[rows] @ weight.T  # [c, V]
+            lp, ls, ent = _chunked_forward(logits, tokens[rows], temperature, chunk_size, with_entropy)
+            logp[rows], lse[rows] = lp, ls
+            if with_entropy:
+                entropy[rows] = ent
+        ctx.save_for_backward(hidden, weight, tokens, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, tokens, lse = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None  # [N, D]
+        grad_weight = None  # [V, D], the chunks summed in fp32
+        if want_weight:
+            grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows]  # [c, D]
+            g = grad_logp[rows, None].to(lse.dtype)  # [c, 1]
+            p = torch.exp((h @ weight.T).to(lse.dtype) / temperature - lse[rows, None])  # [c, V] softmax
+            # d log p_k / d x = onehot(k) − p, and x = h Wᵀ / temperature
+            d = ((-p * g).scatter_add_(-1, tokens[rows, None], g) / temperature).to(h.dtype)  # [c, V]
+            if grad_hidden is not None:
+                grad_hidden[rows] = d @ weight
+            if grad_weight is not None:
+                grad_weight += d.T @ h
+        out_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, out_weight, None, None, None, None
+
+
+def token_stats_from_hidden(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
+) -> TokenStats:
+    """`token_stats_from_logits` of the logits ``hidden @ weight.T``, computed ``chunk_size`` tokens at a
+    time in forward and backward, so no ``[tokens x vocabulary]`` tensor is ever held whole.
+
+    ``hidden`` ``[B, T, D]`` or ``[N, D]``, ``weight`` ``[V, D]`` (the LM head), ``tokens`` ``[B, T]`` or
+    ``[N]``; differentiable in ``hidden`` and ``weight``. The logits are computed in the dtype of ``hidden``
+    and ``weight`` (cast them both first, e.g. to bf16 for mixed precision).
+    """
+    logp, entropy = _head_pass(hidden, weight, tokens, temperature, chunk_size, with_entropy=True)
+    return TokenStats(logprobs=logp, entropy=entropy, probs=torch.exp(logp.detach()))
+
+
+def logprobs_from_hidden(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
+) -> Tensor:
+    """`logprobs_from_logits` of ``hidden @ weight.T``, chunked as `token_stats_from_hidden` (no entropy)."""
+    return _head_pass(hidden, weight, tokens, temperature, chunk_size, with_entropy=False)[0]
+
+
+def _head_pass(
+    hidden: Tensor, weight: Tensor, tokens: Tensor, temperature: float, chunk_size: int, with_entropy: bool
+) -> tuple[Tensor, Tensor]:
+    if temperature <= 0 or chunk_size < 1:
+        raise ValueError(f"need temperature > 0 and chunk_size >= 1, got {temperature}, {chunk_size}")
+    if tokens.shape != hidden.shape[:-1] or weight.shape[-1] != hidden.shape[-1]:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)}, hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+            "must be [...], [..., D] and [V, D]"
+        )
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
+    flat_tokens = tokens.reshape(-1).long()  # [N]
+    out = _ChunkedHead.apply(flat_hidden, weight, flat_tokens, temperature, chunk_size, with_entropy)
     logp, entropy = cast(tuple[Tensor, Tensor], out)
     return logp.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else entropy
 

@@ -274,6 +274,25 @@ class ActorConfig:
     model's MLP on this machine finds it faster, else "model"; decided once per machine (`dapo.models.
     kernels`, the `precision` choice), logged, and kept by a resumed run."""
 
+    activation_checkpointing: bool = False
+    """Keep only each decoder layer's input during the update's forward and recompute the layer in the
+    backward (per layer, non-reentrant): activations of ~L·D·2 bytes per token instead of ~L·(6D + 4I)·2,
+    for about a third more compute. The gradient is unchanged. On in the long-response presets."""
+    logits_chunk_tokens: int = 0
+    """Log-probs and entropy from the final hidden states through the LM head this many tokens at a time,
+    in forward and backward, so a micro-batch's [tokens x vocabulary] logits are never held whole (verl and
+    Liger call this fused linear cross-entropy). 0 = the whole micro-batch's logits at once. Same values and
+    gradients either way."""
+    max_tokens_per_micro_batch: int = 0
+    """Micro-batches by a token budget (verl's ppo_max_token_len_per_gpu): a mini-batch's responses, in
+    order, are packed into micro-batches of at most this many tokens (prompt once per group in the
+    micro-batch, plus the responses; a longer response goes alone), `micro_batch_size` capping the count as
+    well. 0 = by `micro_batch_size` alone. The gradient is the same for any split (one global denominator)."""
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    """Between updates, keep the AdamW states ("optimizer") or the states and the sharded training weights
+    ("optimizer+params") in host memory, on the device only during the update; for a GPU shared with
+    generation. The update's results are unchanged. "none" on CPU (nothing to move)."""
+
     def validate(self) -> None:
         _check(self.lr > 0, "actor.lr", self.lr, "a number > 0")
         _check(all(0 <= b < 1 for b in self.betas), "actor.betas", self.betas, "two numbers in [0, 1)")
@@ -283,6 +302,20 @@ class ActorConfig:
         _check(self.mini_batch_size >= 1, "actor.mini_batch_size", self.mini_batch_size, "an integer >= 1")
         _check(self.micro_batch_size >= 1, "actor.micro_batch_size", self.micro_batch_size, "an integer >= 1")
         _check(self.epochs >= 1, "actor.epochs", self.epochs, "an integer >= 1")
+        _check(
+            self.logits_chunk_tokens >= 0,
+            "actor.logits_chunk_tokens",
+            self.logits_chunk_tokens,
+            "an integer >= 0 (0 = off)",
+        )
+        _check(
+            self.max_tokens_per_micro_batch >= 0,
+            "actor.max_tokens_per_micro_batch",
+            self.max_tokens_per_micro_batch,
+            "an integer >= 0 (0 = off)",
+        )
+        offloads = ("none", "optimizer", "optimizer+params")
+        _check(self.offload in offloads, "actor.offload", self.offload, " | ".join(offloads))
 
 
 @dataclass

@@ -168,15 +168,20 @@ def init_world(*, device: str = "auto", timeout_s: float = 600.0) -> World:
 # FSDP2: the one place where parallelism is applied to the model
 
 
-def parallelize(model: nn.Module, world: World) -> tuple[nn.Module, nn.Module]:
+def parallelize(
+    model: nn.Module, world: World, *, activation_checkpointing: bool = False
+) -> tuple[nn.Module, nn.Module]:
     """(the module to train, the module to generate with).
 
     One process: the same module twice (the engine shares the policy's parameters). Under a launcher: the
     policy sharded with FSDP2, and a plain deep copy of the full weights for the engine. CUDA shards keep
     float32 master weights and compute in bfloat16 with float32 gradient reduction; CPU (gloo has no bf16
-    reductions) stays float32.
+    reductions) stays float32. The order is torchtitan's: activation checkpointing inside, FSDP outside (in
+    the backward FSDP gathers a layer's weights, then the layer is recomputed with them).
     """
     if not world.distributed:
+        if activation_checkpointing:
+            checkpoint_layers(model)
         return model, model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
@@ -196,6 +201,8 @@ def parallelize(model: nn.Module, world: World) -> tuple[nn.Module, nn.Module]:
     # pre-backward hook)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     rollout_model = _plain_copy(model)
+    if activation_checkpointing:  # after the copy: the engine's layers stay plain
+        checkpoint_layers(model)
     mesh = init_device_mesh(world.device.type, (world.size,))
     kwargs: dict[str, Any] = {"mesh": mesh}
     if world.device.type == "cuda":
@@ -219,6 +226,38 @@ def parallelize(model: nn.Module, world: World) -> tuple[nn.Module, nn.Module]:
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     return model, rollout_model
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Activation checkpointing per decoder layer, non-reentrant: a layer's training forward keeps only its
+    inputs, and the backward recomputes the layer (same values: the recompute runs the same kernels on the
+    same inputs, RNG and autocast state restored). The native model's layers are wrapped where the update
+    calls them (`forward_shared`, the prefix-shared forward; generation's `forward` stays plain); a
+    transformers model uses its own gradient checkpointing, which applies in training mode."""
+    from torch.utils.checkpoint import checkpoint
+
+    from dapo.models import CausalLM
+
+    if not isinstance(model, CausalLM):
+        hf = getattr(model, "hf", None)
+        if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.20
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(hf, "gradient_checkpointing_enable"):
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raise ValueError(f"actor.activation_checkpointing: not supported for {type(model).__name__}")
+        return
+
+    def recomputed(inner: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def run(*args: Any) -> Tensor:
+            out: Tensor = checkpoint(inner, *args, use_reentrant=False)
+            return out
+
+        return run
+
+    for layer in model.model.layers:  # an instance attribute: FSDP2's forward-method hooks wrap this one
+        plain: Any = layer
+        plain.forward_shared = recomputed(plain.forward_shared)
 
 
 def _plain_copy(model: nn.Module) -> Any:

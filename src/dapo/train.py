@@ -100,7 +100,12 @@ class ResponseModel(Protocol):
         prompt_index: Tensor,
         response_ids: Tensor,
         response_lengths: Tensor | None = None,
+        *,
+        return_hidden: bool = False,
     ) -> Tensor: ...
+
+    @property
+    def lm_head_weight(self) -> Tensor: ...
 
 
 _STAT_KEYS = (
@@ -113,6 +118,32 @@ _STAT_KEYS = (
     "ratio_mean",
 )
 """The token-weighted `actor/` statistics of `Actor._micro_loss`, in a fixed order (reduced over ranks)."""
+
+
+def micro_batch_plan(batch: TrainBatch, rows: range, max_count: int, *, max_tokens: int = 0) -> list[range]:
+    """``rows`` cut, in order, into micro-batches of at most ``max_count`` responses and, when
+    ``max_tokens`` > 0, at most ``max_tokens`` tokens: each distinct prompt's real tokens once (its group's
+    responses share one prompt computation) plus every response's. A response that alone exceeds the budget
+    gets a micro-batch of its own. Deterministic: it depends on the lengths only."""
+    if max_tokens <= 0:
+        return [range(lo, min(lo + max_count, rows.stop)) for lo in range(rows.start, rows.stop, max_count)]
+    prompt_lengths = batch.prompt_mask.sum(1).tolist()  # [N]
+    response_lengths = batch.response_lengths.tolist()  # [B]
+    prompt_of = batch.prompt_index.tolist()  # [B]
+    plan: list[range] = []
+    lo, tokens, prompts = rows.start, 0, set[int]()
+    for i in rows:
+        p = prompt_of[i]
+        cost = int(response_lengths[i]) + (0 if p in prompts else int(prompt_lengths[p]))
+        if i > lo and (tokens + cost > max_tokens or i - lo >= max_count):
+            plan.append(range(lo, i))
+            lo, tokens, prompts = i, 0, set()
+            cost = int(response_lengths[i]) + int(prompt_lengths[p])
+        tokens += cost
+        prompts.add(p)
+    if len(rows):
+        plan.append(range(lo, rows.stop))
+    return plan
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
@@ -159,21 +190,28 @@ class Actor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _share(self, start: int, stop: int) -> tuple[range, int]:
-        """This rank's rows of the mini-batch ``[start, stop)`` and the number of micro-batches every rank
-        runs (that of the largest share)."""
+    def _share(self, batch: TrainBatch, start: int, stop: int) -> tuple[range, list[range], int]:
+        """This rank's rows of the mini-batch ``[start, stop)``, its micro-batches over them, and the number
+        of micro-batches every rank runs (that of the rank with the most)."""
         rows = shard_range(stop - start, self.world)
+        rows = range(start + rows.start, start + rows.stop)
+        plan = micro_batch_plan(
+            batch, rows, self.cfg.micro_batch_size, max_tokens=self.cfg.max_tokens_per_micro_batch
+        )
+        if self.cfg.max_tokens_per_micro_batch > 0:  # counts depend on each share's lengths
+            return rows, plan, max(1, *self.world.gather(len(plan)))
         largest = len(shard_range(stop - start, self.world, rank=0))
-        return range(start + rows.start, start + rows.stop), max(1, -(-largest // self.cfg.micro_batch_size))
+        return rows, plan, max(1, -(-largest // self.cfg.micro_batch_size))
 
-    def _micro_batches(self, batch: TrainBatch, rows: range, count: int) -> Iterator[tuple[int, TrainBatch]]:
-        """``count`` micro-batches over ``rows``: (first row, micro-batch); row -1 marks an empty one (one
-        response with nothing in the loss, so every rank runs the same forwards and backwards)."""
-        size = self.cfg.micro_batch_size
+    def _micro_batches(
+        self, batch: TrainBatch, rows: range, plan: list[range], count: int
+    ) -> Iterator[tuple[int, TrainBatch]]:
+        """``count`` micro-batches, ``plan``'s then empty ones: (first row, micro-batch); row -1 marks an
+        empty one (one response with nothing in the loss, so every rank runs the same forwards and
+        backwards)."""
         for i in range(count):
-            lo = rows.start + i * size
-            if lo < rows.stop:
-                yield lo, batch.rows(slice(lo, min(lo + size, rows.stop))).to(self.device)
+            if i < len(plan):
+                yield plan[i].start, batch.rows(slice(plan[i].start, plan[i].stop)).to(self.device)
             else:
                 first = rows.start if len(rows) else 0
                 empty = batch.rows(slice(first, first + 1))
@@ -181,16 +219,40 @@ class Actor:
                 empty.advantages = torch.zeros_like(empty.advantages)
                 yield -1, empty.to(self.device)
 
-    def _logits(self, mb: TrainBatch) -> Tensor:
-        """Logits of every response position, `[b, r, V]` in float32."""
+    def _forward(self, mb: TrainBatch, *, hidden: bool) -> Tensor:
+        """The model's output at every response position: logits `[b, r, V]` in float32, or with
+        ``hidden`` the final hidden states `[b, r, D]` in the compute dtype."""
         model = cast(ResponseModel, self.model)
         mixed = self.cfg.precision == "bf16-mixed"
         compute = torch.autocast(self.device.type, torch.bfloat16) if mixed else contextlib.nullcontext()
         with compute:
-            logits = model.forward_responses(
-                mb.prompt_ids, mb.prompt_mask, mb.prompt_index, mb.response_ids, mb.response_lengths
+            out = model.forward_responses(
+                mb.prompt_ids,
+                mb.prompt_mask,
+                mb.prompt_index,
+                mb.response_ids,
+                mb.response_lengths,
+                return_hidden=hidden,
             )
-        return logits.float()
+        return out.to(self._head_dtype()) if hidden else out.float()
+
+    def _head_dtype(self) -> torch.dtype:
+        """The dtype of the LM head's matmul: bf16 under bf16-mixed (as autocast casts it), else the
+        weight's (FSDP2's bf16 compute copy on CUDA)."""
+        weight = cast(ResponseModel, self.model).lm_head_weight
+        return torch.bfloat16 if self.cfg.precision == "bf16-mixed" else weight.dtype
+
+    def _head_weight(self) -> Tensor:
+        """The LM head ``[V, D]`` in the head's compute dtype (read after the forward: under FSDP2 the
+        head's group stays unsharded from its forward until the backward)."""
+        return cast(ResponseModel, self.model).lm_head_weight.to(self._head_dtype())
+
+    def _logprobs(self, mb: TrainBatch) -> Tensor:
+        chunk, tokens, t = self.cfg.logits_chunk_tokens, mb.response_ids, self.temperature
+        if chunk > 0:
+            hidden, weight = self._forward(mb, hidden=True), self._head_weight()
+            return algo.logprobs_from_hidden(hidden, weight, tokens, temperature=t, chunk_size=chunk)
+        return algo.logprobs_from_logits(self._forward(mb, hidden=False), tokens, temperature=t)
 
     def _casts_kept(self) -> contextlib.AbstractContextManager[object]:
         """Around the micro-batches of one set of weights (a log-prob pass, a mini-batch before its
@@ -207,7 +269,12 @@ class Actor:
         return torch.autocast(self.device.type, enabled=False)
 
     def _token_stats(self, mb: TrainBatch) -> algo.TokenStats:
-        return algo.token_stats_from_logits(self._logits(mb), mb.response_ids, temperature=self.temperature)
+        chunk, tokens, t = self.cfg.logits_chunk_tokens, mb.response_ids, self.temperature
+        if chunk > 0:
+            hidden = self._forward(mb, hidden=True)
+            weight = self._head_weight()
+            return algo.token_stats_from_hidden(hidden, weight, tokens, temperature=t, chunk_size=chunk)
+        return algo.token_stats_from_logits(self._forward(mb, hidden=False), tokens, temperature=t)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> Tensor:
@@ -217,10 +284,10 @@ class Actor:
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32)
         with self._casts_kept():  # one set of weights for the whole pass
             for start in range(0, len(batch), self.cfg.mini_batch_size):
-                rows, count = self._share(start, min(start + self.cfg.mini_batch_size, len(batch)))
-                for lo, mb in self._micro_batches(batch, rows, count):
-                    logits = self._logits(mb)
-                    lp = algo.logprobs_from_logits(logits, mb.response_ids, temperature=self.temperature)
+                stop = min(start + self.cfg.mini_batch_size, len(batch))
+                rows, plan, count = self._share(batch, start, stop)
+                for lo, mb in self._micro_batches(batch, rows, plan, count):
+                    lp = self._logprobs(mb)
                     if lo >= 0:
                         out[lo : lo + len(mb), : lp.shape[1]] = (lp * mb.response_mask).cpu()
         return out
@@ -250,7 +317,7 @@ class Actor:
         for _ in range(self.cfg.epochs):
             for start in range(0, n, self.cfg.mini_batch_size):
                 stop = min(start + self.cfg.mini_batch_size, n)
-                rows, count = self._share(start, stop)
+                rows, plan, count = self._share(batch, start, stop)
                 local = algo.denominator_count(
                     self.aggregation,
                     batch.response_mask[rows.start : rows.stop],
@@ -260,7 +327,7 @@ class Actor:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss_total = 0.0
                 with self._casts_kept():
-                    for lo, mb in self._micro_batches(batch, rows, count):
+                    for lo, mb in self._micro_batches(batch, rows, plan, count):
                         fill = batch.old_logprobs if 0 <= lo < on_policy_rows else None
                         loss, stats = self._micro_loss(mb, denom, fill_old=fill, row=lo)
                         loss.backward()

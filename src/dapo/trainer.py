@@ -529,7 +529,9 @@ class Policy:
             cfg.trainer.seed
         )  # after the policy: however it was loaded (or built), the same state
         # one module in one process; FSDP2 shards to train and a full copy to generate with on each rank
-        self.train_model, self.full_model = distributed.parallelize(model, world)
+        self.train_model, self.full_model = distributed.parallelize(
+            model, world, activation_checkpointing=cfg.actor.activation_checkpointing
+        )
         self.actor = make_actor(cfg, self.train_model, world)
 
     def gather_weights(self) -> dict[str, float]:

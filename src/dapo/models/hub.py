@@ -76,9 +76,13 @@ class HFCausalLM(nn.Module):
         prompt_index: Tensor,
         response_ids: Tensor,
         response_lengths: Tensor | None = None,  # unused: the rows are computed padded
+        *,
+        return_hidden: bool = False,
     ) -> Tensor:
         """`CausalLM.forward_responses` without prompt sharing: one ``prompt + response`` row each."""
-        return forward_responses_unshared(self, prompt_ids, prompt_mask, prompt_index, response_ids)
+        return forward_responses_unshared(
+            self, prompt_ids, prompt_mask, prompt_index, response_ids, return_hidden=return_hidden
+        )
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: Mapping[str, Any] | None = None) -> torch.dtype:

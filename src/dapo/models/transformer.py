@@ -701,9 +701,12 @@ class CausalLM(nn.Module):
         prompt_index: Tensor,  # [b] the prompt row each response continues
         response_ids: Tensor,  # [b, R] right-padded
         response_lengths: Tensor | None = None,  # [b] real tokens per response (None: all R)
+        *,
+        return_hidden: bool = False,
     ) -> Tensor:
         """Logits ``[b, R, V]``: row i, position j predicts ``response_ids[i, j]`` after prompt
-        ``prompt_index[i]`` and the response's first j tokens.
+        ``prompt_index[i]`` and the response's first j tokens. With ``return_hidden``, the final normed hidden
+        states ``[b, R, D]`` instead, for a head applied in chunks (`dapo.algo.token_stats_from_hidden`).
 
         Equal (up to float summation order) to `forward` on the rows ``prompt + response`` sliced to the
         response positions, but each prompt is computed once for all of its responses (a group of G samples
@@ -752,7 +755,7 @@ class CausalLM(nn.Module):
         h = self.model.norm(h)
         last = h[: n * P].view(n, P, -1)[:, -1].index_select(0, prompt_index)  # [b, D] predicts token 0
         h = torch.cat([last[:, None], s.rows(h[n * P :]).view(b, T, h.shape[-1])], 1)  # [b, R, D]
-        return _linear(h, self.lm_head_weight)  # [b, R, V]
+        return h if return_hidden else _linear(h, self.lm_head_weight)  # [b, R, V]
 
     def _attention_mask(
         self, pad: Tensor | None, cache: KVCache | None, n_new: int, start: int, dev: torch.device
@@ -803,15 +806,21 @@ class CausalLM(nn.Module):
 
 
 def forward_responses_unshared(
-    model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, prompt_index: Tensor, response_ids: Tensor
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompt_index: Tensor,
+    response_ids: Tensor,
+    *,
+    return_hidden: bool = False,
 ) -> Tensor:
     """`CausalLM.forward_responses` computed the plain way, for any model with `CausalLM`'s ``forward``: one
     row ``prompt + response`` per response (prompts left-padded, so every row's prompt ends at ``P - 1``)."""
     P, rest = prompt_ids.shape[1], response_ids[:, :-1]
     ids = torch.cat([prompt_ids.index_select(0, prompt_index), rest], 1)  # [b, P + R - 1]
     mask = torch.cat([prompt_mask.index_select(0, prompt_index), torch.ones_like(rest)], 1)
-    logits: Tensor = model(ids, attention_mask=mask)[:, P - 1 :]  # [b, R, V]
-    return logits
+    out: Tensor = model(ids, attention_mask=mask, return_hidden=return_hidden)[:, P - 1 :]  # [b, R, V or D]
+    return out
 
 
 def _llama3_scale(inv_freq: Tensor, a: ModelArgs) -> Tensor:
