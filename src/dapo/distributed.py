@@ -239,7 +239,7 @@ def checkpoint_layers(model: nn.Module) -> None:
     from dapo.models import CausalLM
 
     if not isinstance(model, CausalLM):
-        hf = getattr(model, "hf", None)
+        hf: Any = getattr(model, "hf", None)
         if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.20
             hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif hasattr(hf, "gradient_checkpointing_enable"):
