@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup train test lint typecheck pytest bench setup-vllm test-vllm
+.PHONY: setup train test lint typecheck pytest bench setup-vllm test-vllm gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/constraints.txt
@@ -45,3 +45,10 @@ $(VLLM_VENV)/.installed: pyproject.toml scripts/setup-vllm.sh scripts/constraint
 
 test-vllm: setup-vllm
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_config.py
+
+# The GPU paths on one CUDA GPU (docs/memory.md): the update's MFU and peak memory against the planner, the
+# native engine against transformers' generate, a 1-rank NCCL torchrun run with a resume. Uses the machine's
+# own python3 and PyTorch (no venv, no network): `make gpu-check PYTHON=...` to choose another.
+PYTHON ?= python3
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --out runs/gpu-check

@@ -346,12 +346,15 @@ class TrainerConfig:
     this machine's CPUs)."""
     ray_cpus_per_actor: int = 1
     """trainer.backend=ray: logical CPUs (and torch threads) of each trainer rank and rollout worker."""
+    gpu_memory_gib: float = 80.0
+    """The memory of one GPU, which `--dry-run` checks each rank's plan against (FITS / DOES NOT FIT)."""
     async_rollout_steps: int = 0
     """Beyond the paper, trainer.backend=ray: 1 = step k+1's batch is generated while step k updates
     (one-step-off-policy; the trainer's log-probs are the clip ratio's denominators and truncated
     importance sampling, algorithm.rollout_is_cap, corrects against the engine's); 0 = synchronous."""
 
     def validate(self) -> None:
+        _check(self.gpu_memory_gib > 0, "trainer.gpu_memory_gib", self.gpu_memory_gib, "a number > 0")
         _check(
             self.prompts_per_step >= 1, "trainer.prompts_per_step", self.prompts_per_step, "an integer >= 1"
         )

@@ -71,20 +71,39 @@ def parameter_count(a: ModelArgs) -> tuple[int, int]:
 
 @dataclass
 class RankMemory:
-    """Estimated bytes per rank, by what holds them."""
+    """Estimated bytes per rank, by what holds them. Everything but ``load`` is held at once at the peak
+    of an update (plus generation's engine and KV cache, when the rank generates); ``load`` is the peak
+    while the policy is loaded, before training (not at the same time as the rest)."""
 
     params: float
     grads: float
     optimizer: float
     gathered_layers: float
+    weight_casts: float
     activations: float
     logits: float
     engine_weights: float
     kv_cache: float
+    load: float = 0.0
 
     @property
     def total(self) -> float:
-        return float(sum(vars(self).values()))
+        """The update's peak (with the engine's memory, when this rank generates)."""
+        return float(sum(v for k, v in vars(self).items() if k != "load"))
+
+    @property
+    def peak(self) -> float:
+        return max(self.total, self.load)
+
+
+def micro_batch_tokens(cfg: Config) -> int:
+    """Tokens (prompt + response) of the largest micro-batch: `actor.micro_batch_size` full-length rows,
+    or fewer under `actor.max_tokens_per_micro_batch` (one row over the budget still goes alone)."""
+    row = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    tokens = cfg.actor.micro_batch_size * row
+    if cfg.actor.max_tokens_per_micro_batch > 0:
+        tokens = min(tokens, max(cfg.actor.max_tokens_per_micro_batch, row))
+    return tokens
 
 
 def rank_memory(
@@ -93,31 +112,54 @@ def rank_memory(
     """Per-rank estimate at the config's sizes.
 
     Training state is sharded W ways: float32 parameters, gradients and AdamW's two moments (4 + 4 + 8
-    bytes per parameter / W; on CUDA the float32 shard is the master copy of bfloat16 compute). While a layer
-    computes, its full parameters are gathered (two layers at the compute dtype: one computing, one
-    prefetched). Activations saved for the backward (no activation checkpointing): about (6·hidden + 4·MLP
-    width) values per token per layer at the compute dtype, for the micro-batch's prompt + response tokens;
-    logits in float32 three times over (logits, log-softmax, their gradient) for the response tokens. The
-    engine holds a full copy of the weights at the model dtype and a KV cache of 2 · layers · KV heads ·
-    head dim values per token for every row it decodes at once. A rank that does not generate (Ray: the
-    rollout workers do, see `worker_memory`) holds neither.
+    bytes per parameter / W; on CUDA the float32 shard is the master copy of bfloat16 compute); with
+    `actor.offload=optimizer+params` all three live in host memory (FSDP2's CPU offload; the optimizer
+    steps there). While a layer computes, its full parameters are gathered (two layers at the compute
+    dtype: one computing, one prefetched); in one process under bf16-mixed, autocast's bf16 copies of all
+    the weights instead (2 bytes per parameter, kept for the micro-batches of a mini-batch). Activations
+    saved for the backward, for the largest micro-batch's tokens (`micro_batch_tokens`): without
+    checkpointing about (6·hidden + 4·MLP width) values per token per layer at the compute dtype; with
+    `actor.activation_checkpointing` each layer's input (hidden values per token per layer) plus one layer
+    recomputed in full. Logits: float32 three times over (logits, log-softmax, their gradient) for the
+    response tokens; with `actor.logits_chunk_tokens` four float32 ``[chunk x vocabulary]`` temporaries
+    and one compute-dtype one. The engine holds a full copy of the weights at the model dtype and a KV
+    cache of 2 · layers · KV heads · head dim values per token for every row it decodes at once. A rank
+    that does not generate (Ray: the rollout workers do, see `worker_memory`) holds neither. Loading:
+    every rank reads the whole checkpoint (model dtype), copies it and casts it to float32 before
+    sharding.
     """
     total, layer = parameter_count(a)
     compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
+    if cfg.actor.precision == "bf16-mixed":
+        compute = 2
     w = max(world_size, 1)
-    tokens = cfg.actor.micro_batch_size * (cfg.data.max_prompt_length + cfg.rollout.max_response_length)
-    response_tokens = cfg.actor.micro_batch_size * cfg.rollout.max_response_length
+    tokens = micro_batch_tokens(cfg)
+    rows = max(1, tokens // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))
+    response_tokens = min(tokens, rows * cfg.rollout.max_response_length)
     per_token_layer = (6 * a.hidden_size + 4 * a.intermediate_size) * compute
+    if cfg.actor.activation_checkpointing:
+        activations = tokens * (a.num_hidden_layers * a.hidden_size * compute + per_token_layer)
+    else:
+        activations = tokens * a.num_hidden_layers * per_token_layer
+    chunk = cfg.actor.logits_chunk_tokens
+    if chunk > 0:
+        logits = (4 * 4 + compute) * min(chunk, response_tokens) * a.vocab_size
+    else:
+        logits = 3 * 4 * response_tokens * a.vocab_size
+    host_state = cfg.actor.offload == "optimizer+params" and cuda
     engine_weights, kv_cache = _engine_memory(cfg, a, round_prompts(cfg, w), compute)
+    dtype_bytes = _DTYPE_BYTES[cfg.model.dtype]
     return RankMemory(
-        params=4 * total / w,
-        grads=4 * total / w,
-        optimizer=8 * total / w,
+        params=0.0 if host_state else 4 * total / w,
+        grads=0.0 if host_state else 4 * total / w,
+        optimizer=0.0 if host_state else 8 * total / w,
         gathered_layers=2 * layer * compute if w > 1 else 0.0,
-        activations=tokens * a.num_hidden_layers * per_token_layer,
-        logits=3 * 4 * response_tokens * a.vocab_size,
+        weight_casts=2 * total if w == 1 and cfg.actor.precision == "bf16-mixed" else 0.0,
+        activations=activations,
+        logits=logits,
         engine_weights=engine_weights if generates and w > 1 else 0.0,
         kv_cache=kv_cache if generates else 0.0,
+        load=total * (2 * dtype_bytes + 4) if w > 1 else total * dtype_bytes,
     )
 
 
@@ -170,10 +212,12 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
             + (", FSDP2 shards of the policy" if w > 1 else "")
             + "; the rollout workers generate):"
         ]
+    budget = cfg.actor.max_tokens_per_micro_batch
+    cut = f"<= {budget} tokens and " if budget > 0 else ""
     lines += [
         f"  responses trained per step        {math.ceil(responses / w)} of {responses}"
-        f" ({share} of each mini-batch of {mini}: {math.ceil(share / cfg.actor.micro_batch_size)} "
-        f"micro-batches of <= {cfg.actor.micro_batch_size})",
+        f" ({share} of each mini-batch of {mini}: micro-batches of {cut}<= {cfg.actor.micro_batch_size} "
+        "responses)",
     ]
     args, source = model_shape(cfg.model.path)
     if args is None:
@@ -182,36 +226,46 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
     total, _ = parameter_count(args)
     m = rank_memory(cfg, args, w, cuda=cuda, generates=generates)
     gib = 2.0**30
-    engine = (
-        [
-            f"    engine's full weights           {m.engine_weights / gib:10.2f}",
-            f"    KV cache (largest round)        {m.kv_cache / gib:10.2f}",
-        ]
-        if generates
-        else []
-    )
+    a = cfg.actor
+    on_host = " (host: actor.offload)" if cuda and a.offload == "optimizer+params" else ""
+    items = [
+        ("params", f"parameters (fp32 shard){on_host}"),
+        ("grads", f"gradients (fp32 shard){on_host}"),
+        ("optimizer", f"AdamW moments (fp32 shard){on_host}"),
+        ("gathered_layers", "gathered layers (2)"),
+        ("weight_casts", "bf16 weight copies (autocast)"),
+        ("activations", "activations" + (" (checkpointed)" if a.activation_checkpointing else "")),
+        (
+            "logits",
+            f"logits ({f'chunks of {a.logits_chunk_tokens}' if a.logits_chunk_tokens else 'fp32, whole'})",
+        ),
+    ]
+    if generates:
+        items += [("engine_weights", "engine's full weights"), ("kv_cache", "KV cache (largest round)")]
     lines += [
         f"  model                             {total / 1e9:.3g}B parameters (shape from {source})",
+        f"  micro-batch                       <= {micro_batch_tokens(cfg)} tokens",
         f"  memory estimate ({'CUDA' if cuda else 'CPU'}, {cfg.model.dtype} model, GiB)",
-        f"    parameters (fp32 shard)         {m.params / gib:10.2f}",
-        f"    gradients (fp32 shard)          {m.grads / gib:10.2f}",
-        f"    AdamW moments (fp32 shard)      {m.optimizer / gib:10.2f}",
-        f"    gathered layers (2)             {m.gathered_layers / gib:10.2f}",
-        f"    activations (micro-batch)       {m.activations / gib:10.2f}",
-        f"    logits (fp32, micro-batch)      {m.logits / gib:10.2f}",
-        *engine,
-        f"    total                           {m.total / gib:10.2f}",
+        *(f"    {label:<32}{getattr(m, key) / gib:10.2f}" for key, label in items),
+        f"    {'total (update)':<32}{m.total / gib:10.2f}",
+        f"    {'loading (before training)':<32}{m.load / gib:10.2f}",
     ]
-    largest = sorted(vars(m).items(), key=lambda kv: -kv[1])[:2]
+    limit = cfg.trainer.gpu_memory_gib
+    if cuda:
+        verdict = "FITS" if m.peak <= limit * gib else "DOES NOT FIT"
+        lines.append(f"  {verdict} in trainer.gpu_memory_gib={limit:g}: peak {m.peak / gib:.1f} GiB")
+    largest = sorted(((k, v) for k, v in vars(m).items() if v > 0), key=lambda kv: -kv[1])[:3]
     hints = {
-        "activations": "no activation checkpointing: lower actor.micro_batch_size or the response budget",
+        "activations": "actor.activation_checkpointing, actor.max_tokens_per_micro_batch",
         "kv_cache": "rollout.max_batch_size bounds the rows decoded at once",
         "engine_weights": "each rank generates from a full copy of the weights",
-        "logits": "lower actor.micro_batch_size",
+        "logits": "actor.logits_chunk_tokens",
+        "optimizer": "actor.offload=optimizer+params, or more ranks",
+        "load": "every rank loads the whole checkpoint before sharding",
     }
-    for name, _ in largest:
-        if name in hints:
-            lines.append(f"  largest: {name.replace('_', ' ')} ({hints[name]})")
+    for name, value in largest:
+        hint = f": {hints[name]}" if name in hints else ""
+        lines.append(f"  largest: {name.replace('_', ' ')} {value / gib:.1f} GiB{hint}")
     return "\n".join(lines)
 
 
