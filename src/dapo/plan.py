@@ -109,24 +109,25 @@ def micro_batch_tokens(cfg: Config) -> int:
 def rank_memory(
     cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool, generates: bool = True
 ) -> RankMemory:
-    """Per-rank estimate at the config's sizes.
+    """Per-rank estimate at the config's sizes; the coefficients were fitted to
+    `torch.cuda.max_memory_allocated` of a Qwen2.5-1.5B-shaped update at 16k tokens on an H200
+    (docs/memory.md).
 
     Training state is sharded W ways: float32 parameters, gradients and AdamW's two moments (4 + 4 + 8
-    bytes per parameter / W; on CUDA the float32 shard is the master copy of bfloat16 compute); with
-    `actor.offload=optimizer+params` all three live in host memory (FSDP2's CPU offload; the optimizer
-    steps there). While a layer computes, its full parameters are gathered (two layers at the compute
-    dtype: one computing, one prefetched); in one process under bf16-mixed, autocast's bf16 copies of all
-    the weights instead (2 bytes per parameter, kept for the micro-batches of a mini-batch). Activations
-    saved for the backward, for the largest micro-batch's tokens (`micro_batch_tokens`): without
-    checkpointing about (6·hidden + 4·MLP width) values per token per layer at the compute dtype; with
-    `actor.activation_checkpointing` each layer's input (hidden values per token per layer) plus one layer
-    recomputed in full. Logits: float32 three times over (logits, log-softmax, their gradient) for the
-    response tokens; with `actor.logits_chunk_tokens` four float32 ``[chunk x vocabulary]`` temporaries
-    and one compute-dtype one. The engine holds a full copy of the weights at the model dtype and a KV
-    cache of 2 · layers · KV heads · head dim values per token for every row it decodes at once. A rank
-    that does not generate (Ray: the rollout workers do, see `worker_memory`) holds neither. Loading:
-    every rank reads the whole checkpoint (model dtype), copies it and casts it to float32 before
-    sharding.
+    bytes per parameter / W; on CUDA the float32 shard is the master copy of bfloat16 compute). While a
+    layer computes, its full parameters are gathered (two layers at the compute dtype: one computing, one
+    prefetched); in one process under bf16-mixed, autocast's bf16 copies of all the weights instead (2
+    bytes per parameter, kept for the micro-batches of a mini-batch). Activations saved for the backward,
+    for the largest micro-batch's tokens (`micro_batch_tokens`): without checkpointing about (6·hidden +
+    4·MLP width) values per token per layer at the compute dtype, plus under bf16-mixed the float32 inputs
+    of the two norms and RoPE's float32 q and k; with `actor.activation_checkpointing` each layer's input
+    (hidden values per token per layer) plus one layer recomputed in full. Logits: two float32 copies and
+    one at the compute dtype for the response tokens; with `actor.logits_chunk_tokens` eight float32 and
+    two compute-dtype ``[chunk x vocabulary]`` temporaries (the forward's and the backward's softmax
+    maths). The engine holds a full copy of the weights at the model dtype and a KV cache of 2 · layers ·
+    KV heads · head dim values per token for every row it decodes at once. A rank that does not generate
+    (Ray: the rollout workers do, see `worker_memory`) holds neither. Loading: every rank reads the whole
+    checkpoint (model dtype), copies it and casts it to float32 before sharding.
     """
     total, layer = parameter_count(a)
     compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
@@ -137,15 +138,18 @@ def rank_memory(
     rows = max(1, tokens // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))
     response_tokens = min(tokens, rows * cfg.rollout.max_response_length)
     per_token_layer = (6 * a.hidden_size + 4 * a.intermediate_size) * compute
+    if cfg.actor.precision == "bf16-mixed":  # autocast keeps the norms' inputs and RoPE's q, k in float32
+        kv_width = a.num_key_value_heads * a.head_dim
+        per_token_layer += (2 * a.hidden_size + a.num_attention_heads * a.head_dim + kv_width) * 4
     if cfg.actor.activation_checkpointing:
         activations = tokens * (a.num_hidden_layers * a.hidden_size * compute + per_token_layer)
     else:
         activations = tokens * a.num_hidden_layers * per_token_layer
     chunk = cfg.actor.logits_chunk_tokens
     if chunk > 0:
-        logits = (4 * 4 + compute) * min(chunk, response_tokens) * a.vocab_size
+        logits = (8 * 4 + 2 * compute) * min(chunk, response_tokens) * a.vocab_size
     else:
-        logits = 3 * 4 * response_tokens * a.vocab_size
+        logits = (2 * 4 + compute) * response_tokens * a.vocab_size
     host_state = cfg.actor.offload == "optimizer+params" and cuda
     engine_weights, kv_cache = _engine_memory(cfg, a, round_prompts(cfg, w), compute)
     dtype_bytes = _DTYPE_BYTES[cfg.model.dtype]

@@ -357,6 +357,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.to(work), k.to(work), v.to(work), **kwargs)
             return out.to(dtype)
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev) and q.dtype != v.dtype:
+        # the same dtype mix off CPU (CUDA bf16-mixed): the CausalBias mask checks dtypes before autocast
+        # would cast, so cast to autocast's dtype here
+        dtype = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
