@@ -250,7 +250,11 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
         f"  model                             {total / 1e9:.3g}B parameters (shape from {source})",
         f"  micro-batch                       <= {micro_batch_tokens(cfg)} tokens",
         f"  memory estimate ({'CUDA' if cuda else 'CPU'}, {cfg.model.dtype} model, GiB)",
-        *(f"    {label:<32}{getattr(m, key) / gib:10.2f}" for key, label in items),
+        *(
+            f"    {label:<32}{getattr(m, key) / gib:10.2f}"
+            for key, label in items
+            if key != "weight_casts" or m.weight_casts
+        ),
         f"    {'total (update)':<32}{m.total / gib:10.2f}",
         f"    {'loading (before training)':<32}{m.load / gib:10.2f}",
     ]
