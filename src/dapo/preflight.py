@@ -97,7 +97,7 @@ def check_backend(backend: str) -> None:
 
 def check_reward_function(spec: str) -> None:
     """The reward function named by `reward.function` imports and is callable."""
-    from dapo.rewards.base import load_reward_fn
+    from dapo.rewards.load import load_reward_fn
 
     try:
         load_reward_fn(spec)

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
-from dapo.rewards.base import RewardFn, RewardResult, load_reward_fn
+from dapo.rewards.base import RewardFn, RewardResult
+from dapo.rewards.load import load_reward_fn
 
 logger = logging.getLogger(__name__)
 
