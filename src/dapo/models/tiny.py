@@ -61,7 +61,6 @@ __all__ = [
     "TinyRecipe",
     "build_tiny_model",
     "build_tiny_tokenizer",
-    "default_cache_dir",
     "ensure_tiny_model",
     "evaluate_tiny_model",
     "recipe_key",
