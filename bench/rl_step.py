@@ -17,7 +17,7 @@ responses (clip 0.2 / 0.28, no KL), float32. Dynamic sampling is off so both sid
 soft overlong punishment is off on both sides: on the random 25M model it would make rewards differ by
 length within a group, and each side's policy would drift towards shorter responses at its own random pace.
 
-- dapo runs the real trainer path (``Collector.collect`` -> ``trainer.update_policy``: advantages, old
+- dapo runs the real trainer path (``Collector.collect`` -> ``stages.update_policy``: advantages, old
   log-probs, ``Actor.update``) with its native model and engine; a step is timed from collect to the end of
   the update, and split into generate / score (the collector's own timers) / update / other.
 - TRL runs ``GRPOTrainer`` (``loss_type="dapo"``, ``epsilon_high=0.28``, ``beta=0``,
@@ -40,7 +40,7 @@ but both sides still compute the whole update. Each side is warmed up, then the 
 each is reported, and the ratio of the medians (TRL / dapo). Each side runs in its own fresh Python process
 (one after the other, the same torch threads), so neither inherits the other's allocator state or warm
 caches; run it on an otherwise idle machine. dapo tunes glibc's malloc when it loads a CPU policy
-(`dapo.components.retain_freed_memory`: freed memory is kept for reuse instead of being returned to the OS);
+(`dapo.runtime.retain_freed_memory`: freed memory is kept for reuse instead of being returned to the OS);
 TRL runs with the allocator's defaults, as its users get them, unless ``--trl-retain-freed-memory`` gives it
 the same setting (reported for transparency: it speeds TRL up too).
 
@@ -68,13 +68,19 @@ import torch
 import transformers
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from dapo import algo, components
+from dapo import algo
+from dapo.backends.policy import make_actor, sync_engine_weights
 from dapo.config import Config, load_config
 from dapo.data import PromptSampler
-from dapo.models import kernels
+from dapo.data.prompts import load_examples_for, tokenize_prompts
+from dapo.models import kernels, stop_token_ids
+from dapo.models.load import load_policy
 from dapo.models.tiny import ensure_tiny_model
 from dapo.rewards import RewardPool
-from dapo.trainer import make_actor, make_collector, sync_engine_weights, update_policy
+from dapo.rewards.pool import make_reward_pool
+from dapo.rollout import make_engine
+from dapo.runtime import retain_freed_memory
+from dapo.stages import make_collector, update_policy
 
 SIZES: dict[str, dict[str, int] | None] = {
     "tiny": None,  # the embedded default model (dapo.models.tiny)
@@ -140,11 +146,11 @@ def dapo_step_times(cfg: Config, steps: int, warmup: int) -> list[dict[str, floa
     """Run warm-up + measured steps of dapo's trainer loop (no eval, logging or checkpoints); per-step
     seconds (total and split) and mean response length of the measured steps."""
     torch.manual_seed(cfg.trainer.seed)
-    model, tokenizer, _ = components.load_policy(cfg.model)
-    examples = components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
-    prompts = components.tokenize_prompts(examples[:PROMPTS], tokenizer, cfg.data.max_prompt_length)
-    engine = components.make_engine(cfg.rollout, model, tokenizer, precision=cfg.actor.precision)
-    scorer = components.make_reward_pool(cfg.reward)
+    model, tokenizer, _ = load_policy(cfg.model)
+    examples = load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
+    prompts = tokenize_prompts(examples[:PROMPTS], tokenizer, cfg.data.max_prompt_length)
+    engine = make_engine(cfg.rollout, model, tokenizer, precision=cfg.actor.precision)
+    scorer = make_reward_pool(cfg.reward)
     actor = make_actor(cfg, model)
     # the same 8 prompts every step
     sampler = PromptSampler(len(prompts), seed=cfg.trainer.seed, shuffle=False)
@@ -217,7 +223,7 @@ def dapo_reward(cfg: Config, pool: RewardPool, lengths: list[float]) -> Callable
 def trl_prompts(cfg: Config, tokenizer: Any, examples: list[Any]) -> tuple[list[str], list[str]]:
     """dapo's chat-templated prompts as the text TRL takes (checked to re-tokenize to dapo's ids), and their
     answers."""
-    prompts = components.tokenize_prompts(examples, tokenizer, cfg.data.max_prompt_length)
+    prompts = tokenize_prompts(examples, tokenizer, cfg.data.max_prompt_length)
     texts = [
         tokenizer.apply_chat_template(e.chat_messages(), tokenize=False, add_generation_prompt=True)
         for e in prompts.examples
@@ -248,7 +254,7 @@ def grpo_trainer(
     that each reward call appends to."""
     threads = torch.get_num_threads()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    stops = list(components.stop_token_ids(tokenizer))
+    stops = list(stop_token_ids(tokenizer))
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, local_files_only=True
     )
@@ -283,7 +289,7 @@ def grpo_trainer(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i // steps_per_generation + 1) / warmup) if warmup else 1.0
     )
-    pool = components.make_reward_pool(cfg.reward)
+    pool = make_reward_pool(cfg.reward)
     lengths: list[float] = []
     trainer = trl.GRPOTrainer(
         model=model, reward_funcs=dapo_reward(cfg, pool, lengths), args=args, train_dataset=dataset,
@@ -301,7 +307,7 @@ def trl_step_times(cfg: Config, path: Path, steps: int, warmup: int, out: Path) 
     """Run warm-up + measured steps of TRL's GRPOTrainer on the same work; per-step seconds (total and
     transformers.generate) and mean response length of the measured steps."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    examples = components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
+    examples = load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
     texts, answers = trl_prompts(cfg, tokenizer, examples[:PROMPTS])
     total = warmup + steps
     timer = StepTimer()
@@ -365,7 +371,7 @@ def side_main(args: argparse.Namespace) -> None:
         rows = dapo_step_times(cfg, args.steps, args.warmup)
     else:
         if args.trl_retain_freed_memory:
-            components.retain_freed_memory()
+            retain_freed_memory()
         rows = trl_step_times(cfg, path, args.steps, args.warmup, out / f"trl-{args.size}")
     (out / f"{args.side}.json").write_text(json.dumps(rows))
 

@@ -10,7 +10,7 @@ tokens, temperature 1.0, two optimizer steps per batch (mini-batches of 128 resp
 0.9/0.999, weight decay 0.1 on every parameter, grad clip 1.0) warmed up linearly over 5 batches, clip 0.2 /
 0.28, no KL term, rewards from dapo's ``math_dapo`` verifier plus the soft overlong punishment (L_cache 16).
 
-- dapo runs its trainer path (``Collector.collect`` with dynamic sampling -> ``trainer.update_policy``) as
+- dapo runs its trainer path (``Collector.collect`` with dynamic sampling -> ``stages.update_policy``) as
   ``dapo train`` does, with the native model and engine.
 - TRL runs ``GRPOTrainer`` (``loss_type="dapo"``, ``epsilon_high=0.28``, ``beta=0``, transformers'
   ``generate``, ``use_cpu``, float32), set up by ``bench/rl_step.py``'s ``grpo_trainer`` with
@@ -41,11 +41,15 @@ from typing import Any
 
 import torch
 
-from dapo import components
+from dapo.backends.policy import make_actor
 from dapo.config import Config, load_config
+from dapo.data.prompts import load_examples_for, tokenize_prompts
 from dapo.evaluate import eval_sampling, evaluate, load_eval_set
+from dapo.models.load import load_policy
 from dapo.models.tiny import ensure_tiny_model
-from dapo.trainer import make_actor, make_collector, update_policy
+from dapo.rewards.pool import make_reward_pool
+from dapo.rollout import make_engine
+from dapo.stages import make_collector, update_policy
 
 EVAL_KEY = "eval/arithmetic/avg@8"
 STEPS_PER_GENERATION = 2  # the embedded default's 256 responses per step in mini-batches of 128
@@ -70,10 +74,10 @@ class HeldOut:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.model, self.tokenizer, _ = components.load_policy(cfg.model)
+        self.model, self.tokenizer, _ = load_policy(cfg.model)
         self.prompts = load_eval_set(cfg, self.tokenizer)
-        self.engine = components.make_engine(cfg.rollout, self.model, self.tokenizer)
-        self.pool = components.make_reward_pool(cfg.reward)
+        self.engine = make_engine(cfg.rollout, self.model, self.tokenizer)
+        self.pool = make_reward_pool(cfg.reward)
 
     def __call__(self, weights: dict[str, torch.Tensor] | None = None) -> float:
         if weights is not None:
@@ -120,8 +124,8 @@ def run_dapo(cfg: Config, args: argparse.Namespace) -> Progress:
     torch.manual_seed(cfg.trainer.seed)
     held_out = HeldOut(cfg)  # the policy itself: its engine shares the weights being trained
     model, tokenizer = held_out.model, held_out.tokenizer
-    train_set = components.tokenize_prompts(
-        components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=cfg.data.dedup),
+    train_set = tokenize_prompts(
+        load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=cfg.data.dedup),
         tokenizer,
         cfg.data.max_prompt_length,
     )
@@ -156,7 +160,7 @@ def run_trl(cfg: Config, args: argparse.Namespace) -> Progress:
     path = ensure_tiny_model()
     held_out = HeldOut(cfg)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    examples = components.load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
+    examples = load_examples_for(cfg.data.train_files, cfg.data, split="train", dedup=True)
     texts, answers = trl_prompts(cfg, tokenizer, examples)
     p = Progress("trl")
     state: dict[str, Any] = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from dapo import cluster
+from dapo.backends import ray as ray_backend
 from dapo.config import load_config
 from dapo.trainer import train
 from tests.test_e2e import SHORT
@@ -24,13 +24,13 @@ def main() -> None:
     nodes.wait_for_nodes()
     ray.init(address=nodes.address, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     placed: dict[str, str] = {}
-    real_close = cluster.RayBackend.close
+    real_close = ray_backend.RayBackend.close
 
-    def remember(self: cluster.RayBackend) -> None:
+    def remember(self: ray_backend.RayBackend) -> None:
         placed.update(self.nodes)
         real_close(self)
 
-    cluster.RayBackend.close = remember  # type: ignore[method-assign]
+    ray_backend.RayBackend.close = remember  # type: ignore[method-assign]
     cfg = load_config(
         None,
         [*SHORT, "trainer.total_steps=2", "trainer.backend=ray", "rollout.num_workers=2",

@@ -1,5 +1,6 @@
-"""Cluster mode on Ray (`trainer.backend=ray`, `dapo.cluster`) on one local Ray cluster of 4 logical CPUs
-shared by these tests (one torch thread per actor), and a two-node `ray.cluster_utils.Cluster`.
+"""Cluster mode on Ray (`trainer.backend=ray`: `dapo.backends.ray`, the actors of `dapo.cluster`) on one
+local Ray cluster of 4 logical CPUs shared by these tests (one torch thread per actor), and a two-node
+`ray.cluster_utils.Cluster`.
 
 The tiny preset's short run (4 steps) with 1 trainer rank and 2 rollout workers is the reference: its
 workers' weights are checksummed against the trainer's after every sync; a run whose worker is killed
@@ -23,7 +24,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from dapo import cluster
+from dapo.backends import ray as ray_backend
 from dapo.config import load_config
 from dapo.models import kernels
 from dapo.trainer import train
@@ -87,16 +88,16 @@ def driver(ray_address: str, tmp: Path, *overrides: str) -> Callable[..., subpro
     return dapo
 
 
-def remember_backends(mp: pytest.MonkeyPatch) -> list[cluster.RayBackend]:
+def remember_backends(mp: pytest.MonkeyPatch) -> list[ray_backend.RayBackend]:
     """Every `RayBackend` built while ``mp`` is active, in order (a test reaches the workers' pids)."""
-    backends: list[cluster.RayBackend] = []
-    real_init = cluster.RayBackend.__init__
+    backends: list[ray_backend.RayBackend] = []
+    real_init = ray_backend.RayBackend.__init__
 
-    def remember(self: cluster.RayBackend, *args: Any) -> None:
+    def remember(self: ray_backend.RayBackend, *args: Any) -> None:
         backends.append(self)
         real_init(self, *args)
 
-    mp.setattr(cluster.RayBackend, "__init__", remember)
+    mp.setattr(ray_backend.RayBackend, "__init__", remember)
     return backends
 
 
@@ -106,9 +107,9 @@ def reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     every worker's digest equals that of trainer rank 0's full weights, and before it they differ (the
     update changed the weights: a sync that moved nothing fails the check)."""
     checks: list[tuple[str, list[str], list[str]]] = []
-    real = cluster.RayBackend.sync_weights
+    real = ray_backend.RayBackend.sync_weights
 
-    def checked(self: cluster.RayBackend) -> dict[str, float]:
+    def checked(self: ray_backend.RayBackend) -> dict[str, float]:
         _, before = self.checksums()
         out = real(self)
         want, got = self.checksums()
@@ -116,7 +117,7 @@ def reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         return out
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cluster.RayBackend, "sync_weights", checked)
+        mp.setattr(ray_backend.RayBackend, "sync_weights", checked)
         run_dir = ray_run(tmp_path_factory.mktemp("ref"), "ref", "rollout.num_workers=2")
     yield {"run_dir": run_dir, "checks": checks, "weights": final_weights(run_dir)}
 
@@ -140,7 +141,7 @@ def test_a_worker_killed_mid_generation_is_restarted_and_the_run_unchanged(
     """Worker 1 is SIGKILLed while step 2's first round is in flight: Ray restarts it, it gets the current
     weights, its share is generated again with the same seed, and the run ends with the reference's
     weights."""
-    real = cluster.wait
+    real = ray_backend.wait
     calls = {"generate": 0}
 
     def kill_during_generate(refs: Any, names: Any, timeout_s: float, what: str) -> list[Any]:
@@ -152,7 +153,7 @@ def test_a_worker_killed_mid_generation_is_restarted_and_the_run_unchanged(
         return real(refs, names, timeout_s, what)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cluster, "wait", kill_during_generate)
+        mp.setattr(ray_backend, "wait", kill_during_generate)
         backends = remember_backends(mp)
         run_dir = ray_run(tmp_path, "killed", "rollout.num_workers=2")
     rows = metrics(run_dir)
@@ -187,7 +188,7 @@ def test_a_dying_trainer_rank_stops_the_run_naming_it(ray_address: str, tmp_path
     )
     os.environ["DAPO_SIGNAL_AT"] = "rank_update:3:KILL:1"
     try:
-        with pytest.raises(cluster.ClusterError, match="trainer rank 1 of 2 died during update"):
+        with pytest.raises(ray_backend.ClusterError, match="trainer rank 1 of 2 died during update"):
             train(cfg)
     finally:
         del os.environ["DAPO_SIGNAL_AT"]
@@ -239,7 +240,7 @@ def test_async_a_worker_killed_during_the_ahead_collection_copies_a_peer_and_the
     """Worker 1 is SIGKILLed while the ahead collection (during an update) generates: the restarted worker
     copies the pre-update weights from worker 0 (trainer rank 0 already holds the updated ones), its share
     is generated again, and the run ends with the uninterrupted async run's weights."""
-    real = cluster.wait
+    real = ray_backend.wait
     killed: list[str] = []
 
     def kill_during_ahead(refs: Any, names: Any, timeout_s: float, what: str) -> list[Any]:
@@ -250,10 +251,12 @@ def test_async_a_worker_killed_during_the_ahead_collection_copies_a_peer_and_the
 
     calls: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cluster, "wait", kill_during_ahead)
+        mp.setattr(ray_backend, "wait", kill_during_ahead)
         backends = remember_backends(mp)
-        mp.setattr(cluster.WeightSync, "form_group", spy(cluster.WeightSync.form_group, calls, "group"))
-        mp.setattr(cluster.WeightSync, "resend", spy(cluster.WeightSync.resend, calls, "resend"))
+        mp.setattr(
+            ray_backend.WeightSync, "form_group", spy(ray_backend.WeightSync.form_group, calls, "group")
+        )
+        mp.setattr(ray_backend.WeightSync, "resend", spy(ray_backend.WeightSync.resend, calls, "resend"))
         run_dir = ray_run(tmp_path, "async-killed", *ASYNC)
     assert killed and sum(r["rollout/worker_restarts"] for r in metrics(run_dir)) == 1
     assert calls == ["group", "group"]  # at the start, then before the push after the copy; no resend
@@ -323,7 +326,7 @@ def test_a_remote_call_past_its_timeout_stops_with_a_message(
         time.sleep(60)
 
     ref = hangs.remote()
-    with pytest.raises(cluster.ClusterError, match=r"generate timed out after 1 s .* on worker 7"):
-        cluster.wait([ref], ["worker 7"], 1.0, "generate")
+    with pytest.raises(ray_backend.ClusterError, match=r"generate timed out after 1 s .* on worker 7"):
+        ray_backend.wait([ref], ["worker 7"], 1.0, "generate")
     assert "remote call generate timed out" in capsys.readouterr().err
     ray.cancel(ref, force=True)

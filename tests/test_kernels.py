@@ -210,7 +210,7 @@ def test_a_checkpoint_stores_the_decisions_and_a_resume_adopts_them(
 def test_precision_auto_is_timed_once_per_machine_and_only_where_bf16_mixed_can_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dapo import components
+    from dapo.run import resolve_precision
 
     cfg = load_config("tiny", ["model.device=cpu"])
     assert cfg.actor.precision == "auto"  # the embedded default
@@ -221,28 +221,28 @@ def test_precision_auto_is_timed_once_per_machine_and_only_where_bf16_mixed_can_
         return lambda: time.sleep(costs[mixed])
 
     monkeypatch.setattr(kernels, "time_mlp", mlp)
-    assert components.resolve_precision(cfg) == "bf16-mixed"
+    assert resolve_precision(cfg) == "bf16-mixed"
     costs.update({False: 0.0, True: 0.004})
-    assert components.resolve_precision(cfg) == "bf16-mixed"  # decided once: not timed again
+    assert resolve_precision(cfg) == "bf16-mixed"  # decided once: not timed again
     kernels._decided.clear()
     kernels._known.clear()
     kernels._cache_file().unlink()
-    assert components.resolve_precision(cfg) == "model"  # another machine, where float32 is faster
+    assert resolve_precision(cfg) == "model"  # another machine, where float32 is faster
     for override in ("model.dtype=bfloat16", "rollout.engine=vllm"):  # bf16-mixed cannot run: never timed
         monkeypatch.setattr(kernels, "time_mlp", None)
-        assert components.resolve_precision(load_config("tiny", ["model.device=cpu", override])) == "model"
+        assert resolve_precision(load_config("tiny", ["model.device=cpu", override])) == "model"
     fixed = load_config("tiny", ["actor.precision=bf16-mixed"])
-    assert components.resolve_precision(fixed) == "bf16-mixed"
+    assert resolve_precision(fixed) == "bf16-mixed"
     # A resumed run keeps its checkpoint's choice over this machine's cache.
     saved = {"precision:float32:1024x192x1024": "bf16-mixed"}
-    assert components.resolve_precision(cfg, saved) == "bf16-mixed"
+    assert resolve_precision(cfg, saved) == "bf16-mixed"
 
 
 def test_a_run_records_the_precision_auto_chose_and_a_resume_keeps_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dapo import distributed
-    from dapo.trainer import decide_precision
+    from dapo.run import decide_precision
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step_000002").mkdir(parents=True)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import dapo.models.tiny as tiny
+from dapo.cache import default_cache_dir
 from dapo.data.synthetic import ArithmeticTask
 from dapo.models.tiny import (
     DEFAULT_RECIPE,
@@ -19,7 +20,6 @@ from dapo.models.tiny import (
     PAD_TOKEN,
     TinyRecipe,
     build_tiny_tokenizer,
-    default_cache_dir,
     ensure_tiny_model,
     evaluate_tiny_model,
     recipe_key,

@@ -22,9 +22,11 @@ pytest.importorskip(
     "vllm", reason="vLLM is not installed in this venv: run `make setup-vllm`, then `make test-vllm`"
 )
 
-from dapo import components
 from dapo.collect import Group, make_train_batch
 from dapo.config import ActorConfig, AlgorithmConfig, load_config
+from dapo.data.prompts import load_examples_for, tokenize_prompts
+from dapo.models import pad_token_id, stop_token_ids
+from dapo.models.load import load_policy
 from dapo.models.transformer import CausalLM
 from dapo.rollout import Completion, NativeEngine, SamplingParams
 from dapo.rollout.vllm import VLLMEngine
@@ -38,11 +40,11 @@ LOGPROB_TOL = 1e-4  # fp32: measured max |vLLM - trainer| ~2e-5 on this model
 def policy() -> tuple[CausalLM, list[list[int]], tuple[int, ...], int]:
     """The tiny model in fp32, 16 held-out arithmetic prompts, its stop ids and pad id."""
     cfg = load_config("tiny", ["model.dtype=float32", "model.device=cpu"])
-    model, tokenizer, _ = components.load_policy(cfg.model)
+    model, tokenizer, _ = load_policy(cfg.model)
     assert isinstance(model, CausalLM)
-    examples = components.load_examples_for(["arithmetic"], cfg.data, split="eval", dedup=False)[:16]
-    prompts = components.tokenize_prompts(examples, tokenizer, cfg.data.max_prompt_length).prompt_ids
-    return model, prompts, components.stop_token_ids(tokenizer), components.pad_token_id(tokenizer)
+    examples = load_examples_for(["arithmetic"], cfg.data, split="eval", dedup=False)[:16]
+    prompts = tokenize_prompts(examples, tokenizer, cfg.data.max_prompt_length).prompt_ids
+    return model, prompts, stop_token_ids(tokenizer), pad_token_id(tokenizer)
 
 
 @pytest.fixture(scope="module")

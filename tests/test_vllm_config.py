@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from dapo import components
+from dapo.backends.policy import sync_engine_weights
 from dapo.config import ConfigError, RolloutConfig, load_config
 from dapo.models import CausalLM
 from dapo.models.config import ModelArgs
-from dapo.rollout import NativeEngine
+from dapo.rollout import NativeEngine, make_engine
 from dapo.rollout.base import WeightSyncedEngine
 from dapo.rollout.vllm import vllm_available
-from dapo.trainer import sync_engine_weights
 
 
 def small_model() -> CausalLM:
@@ -51,7 +50,7 @@ def test_vllm_settings_load_and_are_validated() -> None:
 def test_without_vllm_the_engine_names_the_install_command() -> None:
     model = small_model()
     with pytest.raises(ImportError, match="make setup-vllm"):
-        components.make_engine(RolloutConfig(engine="vllm"), model, tokenizer=None)
+        make_engine(RolloutConfig(engine="vllm"), model, tokenizer=None)
 
 
 class CountingEngine:
@@ -87,7 +86,7 @@ def test_the_trainer_syncs_engines_that_copy_weights_and_not_the_native_one() ->
 def test_data_parallel_ranks_refuse_vllm_tensor_parallelism() -> None:
     """Under torchrun each rank runs its own vLLM engine: tensor_parallel_size > 1 is a config error."""
     from dapo.distributed import World
-    from dapo.trainer import check_world_size
+    from dapo.run import check_world_size
 
     ranks = World(rank=0, size=2, distributed=True)
     cfg = load_config("tiny", ["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2"])

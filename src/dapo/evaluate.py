@@ -21,9 +21,13 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dapo import components
 from dapo.config import Config
+from dapo.data.prompts import PromptSet, load_examples_for, tokenize_prompts
+from dapo.models.load import load_policy
+from dapo.models.tokenizer import stop_token_ids
 from dapo.rewards import RewardResult, ScoreBatch
+from dapo.rewards.pool import make_reward_pool
+from dapo.rollout import make_engine
 from dapo.rollout.base import RolloutEngine, SamplingParams
 from dapo.stats import bootstrap_mean_ci, pass_at_k, problem_means
 
@@ -134,18 +138,16 @@ def eval_sampling(cfg: Config, tokenizer: Any, k: int | None = None) -> Sampling
         temperature=ev.temperature,
         top_p=ev.top_p,
         max_tokens=ev.max_response_length or cfg.rollout.max_response_length,
-        stop_token_ids=components.stop_token_ids(tokenizer),
+        stop_token_ids=stop_token_ids(tokenizer),
         seed=cfg.trainer.seed + 7919,  # evaluation samples are the same at every evaluation of a run
     )
 
 
-def load_eval_set(cfg: Config, tokenizer: Any, files: list[str] | None = None) -> components.PromptSet:
-    examples = components.load_examples_for(
-        files or cfg.evaluation.files, cfg.data, split="eval", dedup=False
-    )
+def load_eval_set(cfg: Config, tokenizer: Any, files: list[str] | None = None) -> PromptSet:
+    examples = load_examples_for(files or cfg.evaluation.files, cfg.data, split="eval", dedup=False)
     if cfg.evaluation.max_prompts:
         examples = examples[: cfg.evaluation.max_prompts]
-    return components.tokenize_prompts(examples, tokenizer, cfg.data.max_prompt_length)
+    return tokenize_prompts(examples, tokenizer, cfg.data.max_prompt_length)
 
 
 def format_eval(metrics: dict[str, float]) -> str:
@@ -171,11 +173,11 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """`dapo eval`: load a checkpoint directory and evaluate it on the given files; prints and returns
     metrics."""
-    model, tokenizer, model_dir = components.load_policy(cfg.model, path=model_path)
+    model, tokenizer, model_dir = load_policy(cfg.model, path=model_path)
     prompts = load_eval_set(cfg, tokenizer, data_files)
-    engine = components.make_engine(cfg.rollout, model, tokenizer)
+    engine = make_engine(cfg.rollout, model, tokenizer)
     sampling = eval_sampling(cfg, tokenizer, k)
-    with components.make_reward_pool(cfg.reward) as pool:
+    with make_reward_pool(cfg.reward) as pool:
         metrics = evaluate(
             engine,
             prompts.prompt_ids,

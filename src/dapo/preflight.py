@@ -15,12 +15,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from dapo import components
 from dapo.checkpoint import check_complete
 from dapo.config import Config, ConfigError, DataConfig
 from dapo.data.dataset import DataError, check_file
+from dapo.data.prompts import BUILTIN_TASK, reader_settings
 from dapo.errors import UserError
 from dapo.models import kernels
+from dapo.models.load import resolve_model_path
 
 
 def check_train(cfg: Config) -> None:
@@ -62,14 +63,14 @@ def check_output_dir(output_dir: str) -> None:
 def check_model_path(path: str) -> None:
     """A Hugging Face checkpoint directory, or "tiny" (built on first use)."""
     if path != "tiny":
-        components.resolve_model_path(path)
+        resolve_model_path(path)
 
 
 def check_data_files(files: Sequence[str], data: DataConfig, key: str) -> None:
     """Each file exists, has a known format and (parquet) the configured columns; the built-in task passes."""
-    settings = components.reader_settings(data, dedup=False)
+    settings = reader_settings(data, dedup=False)
     for f in files:
-        if f == components.BUILTIN_TASK:
+        if f == BUILTIN_TASK:
             continue
         try:
             check_file(f, settings)
@@ -97,7 +98,7 @@ def check_backend(backend: str) -> None:
 
 def check_reward_function(spec: str) -> None:
     """The reward function named by `reward.function` imports and is callable."""
-    from dapo.rewards.base import load_reward_fn
+    from dapo.rewards.load import load_reward_fn
 
     try:
         load_reward_fn(spec)

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: ``config.json`` + ``model.safetensors`` (or shards), tokenizers.
+"""Hugging Face checkpoints in and out: ``config.json`` + ``model.safetensors`` (or shards).
 
 Only safetensors are read (never pickled ``.bin`` files). `HFCausalLM` wraps a transformers model behind the
 native forward signature, the fallback for architectures the native implementation does not cover.
@@ -7,7 +7,7 @@ native forward signature, the fallback for architectures the native implementati
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,7 @@ from dapo.models.transformer import CausalLM, KVCache, forward_responses_unshare
 
 __all__ = [
     "HFCausalLM",
-    "apply_chat_template",
     "load_pretrained",
-    "load_tokenizer",
     "resolve_dtype",
     "save_pretrained",
 ]
@@ -197,28 +195,3 @@ def save_pretrained(model: nn.Module, path: str | Path) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The checkpoint's tokenizer (transformers ``AutoTokenizer``, local files only)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def apply_chat_template(tokenizer: Any, messages: Sequence[Any]) -> list[int]:
-    """Token ids of ``messages`` (dicts or objects with ``role`` and ``content``) under the tokenizer's chat
-    template, ending with the assistant generation prompt."""
-    if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-        raise ValueError(f"tokenizer {name!r} has no chat template; use a plain prompt template instead")
-    convo = []
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, Mapping) else getattr(m, "role", None)
-        content = m.get("content") if isinstance(m, Mapping) else getattr(m, "content", None)
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise ValueError(f"message {i} needs string 'role' and 'content', got {m!r}")
-        convo.append({"role": role, "content": content})
-    text = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids

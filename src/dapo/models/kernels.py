@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dapo.cache import default_cache_dir
 from dapo.errors import UserError
 
 __all__ = [
@@ -267,8 +268,6 @@ def _bool_op(name: str) -> bool:
 
 
 def _cache_file() -> Path:
-    from dapo.models.tiny import default_cache_dir  # imported here: tiny imports the model code
-
     info = cpu_info()
     ident = json.dumps([info["cpu"], info["isa"], info["threads"], torch.__version__])
     return default_cache_dir() / "kernels" / f"{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"

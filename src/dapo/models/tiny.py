@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import shutil
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from dapo.cache import default_cache_dir
 from dapo.data.synthetic import FACTOR_RANGE, OPERAND_RANGE, ArithmeticProblem, ArithmeticTask
 from dapo.models.config import ModelArgs
 from dapo.models.hub import save_pretrained
@@ -61,7 +61,6 @@ __all__ = [
     "TinyRecipe",
     "build_tiny_model",
     "build_tiny_tokenizer",
-    "default_cache_dir",
     "ensure_tiny_model",
     "evaluate_tiny_model",
     "recipe_key",
@@ -203,15 +202,6 @@ class TinyBuildReport:
     """Mean chat-templated prompt length, in tokens, over 200 training problems."""
     max_response_tokens: int
     """Longest reference solution of those problems, in tokens, including the end-of-sequence token."""
-
-
-def default_cache_dir() -> Path:
-    """``$DAPO_CACHE``, else ``$XDG_CACHE_HOME/dapo``, else ``~/.cache/dapo``."""
-    if os.environ.get("DAPO_CACHE"):
-        return Path(os.environ["DAPO_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "dapo"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,8 +31,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
-from dapo.rewards.base import RewardFn, RewardResult, load_reward_fn
+from dapo.rewards.base import RewardFn, RewardResult
+from dapo.rewards.load import load_reward_fn
+
+if TYPE_CHECKING:
+    from dapo.config import RewardConfig
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +263,11 @@ class RewardPool:
     def _replace(self, slot: int) -> None:
         _stop(self._workers[slot], graceful=False)
         self._workers[slot] = self._start_worker(slot)
+
+
+def make_reward_pool(cfg: RewardConfig) -> RewardPool:
+    """The pool the `reward` section describes: its function, workers and per-response timeout."""
+    return RewardPool(cfg.function, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s)
 
 
 def _stop(w: _Worker, *, graceful: bool) -> None:

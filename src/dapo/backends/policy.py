@@ -1,0 +1,152 @@
+"""The policy on one rank, as every backend holds it: the module it trains and the full weights its engines
+read, the actor that updates it, its checkpoint written and restored, its weights copied into an engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dapo import distributed
+from dapo.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    sharded_checkpoint,
+)
+from dapo.config import Config
+from dapo.models import load_pretrained
+from dapo.models.load import load_policy
+from dapo.rollout.base import RolloutEngine, WeightSyncedEngine
+from dapo.train import Actor
+
+
+class Policy:
+    """The policy as the update sees it: the module to train, the full-weight module the engines read (the
+    same module in one process), the actor; its checkpoint written and restored. One per rank: built by
+    `LocalBackend`, and by each Ray trainer rank (`dapo.cluster.TrainerRank`)."""
+
+    def __init__(self, cfg: Config, world: distributed.World, run_dir: Path) -> None:
+        self.cfg, self.world, self.run_dir = cfg, world, run_dir
+        model, self.tokenizer, self.model_dir = load_policy(
+            cfg.model, device=world.device if world.distributed else None
+        )
+        torch.manual_seed(
+            cfg.trainer.seed
+        )  # after the policy: however it was loaded (or built), the same state
+        # one module in one process; FSDP2 shards to train and a full copy to generate with on each rank
+        self.train_model, self.full_model = distributed.parallelize(
+            model, world, activation_checkpointing=cfg.actor.activation_checkpointing
+        )
+        self.actor = make_actor(cfg, self.train_model, world)
+
+    def gather_weights(self) -> dict[str, float]:
+        """The updated shards into the full-weight copy (ranks); nothing in one process."""
+        return distributed.sync_weights(self.train_model, self.full_model)
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        save_checkpoint_of(
+            self.cfg, self.run_dir, step, self.actor, state, self.full_model, self.tokenizer, self.world
+        )
+
+    def restore(self) -> Checkpoint | None:
+        return restore_policy(self.cfg, self.run_dir, self.actor, self.world, self.full_model)
+
+
+def make_actor(cfg: Config, model: torch.nn.Module, world: distributed.World | None = None) -> Actor:
+    """The policy's optimizer and update, at the sampling temperature (log-probs of what was sampled)."""
+    return Actor(
+        model,
+        cfg.actor,
+        cfg.algorithm,
+        temperature=cfg.rollout.temperature,
+        max_response_length=cfg.rollout.max_response_length,
+        world=world,
+    )
+
+
+def sync_engine_weights(engine: RolloutEngine, model: torch.nn.Module) -> dict[str, float]:
+    """Copy the policy's weights into an engine that keeps its own copy (vLLM); `rollout/weights_version`."""
+    if not isinstance(engine, WeightSyncedEngine):
+        return {}  # the native and HF engines hold the policy module itself
+    engine.load_weights(model.state_dict())
+    return {"rollout/weights_version": float(engine.weights_version)}
+
+
+def save_checkpoint_of(
+    cfg: Config,
+    run_dir: Path,
+    step: int,
+    actor: Actor,
+    state: dict[str, Any],
+    full_model: torch.nn.Module,
+    tokenizer: Any,
+    world: distributed.World,
+) -> None:
+    """Step `step`'s checkpoint: full weights (`model/`), and with several ranks the sharded model and
+    optimizer (DCP, `sharded/`) in place of `optimizer.pt`'s optimizer state."""
+    sharded: dict[str, Any] | None
+    optimizer_state: dict[str, Any]
+    if world.distributed:
+        sharded = distributed.training_state(actor.model, actor.optimizer)
+        optimizer_state = {"scheduler": actor.scheduler.state_dict()}
+    else:
+        sharded, optimizer_state = None, actor.state_dict()
+    save_checkpoint(
+        run_dir, step, full_model, tokenizer, optimizer_state, state,
+        keep_last=cfg.checkpoint.keep_last, world=world, sharded=sharded,
+    )  # fmt: skip
+
+
+def restore_policy(
+    cfg: Config,
+    run_dir: Path,
+    actor: Actor,
+    world: distributed.World | None = None,
+    full_model: torch.nn.Module | None = None,
+) -> Checkpoint | None:
+    """Restore weights, optimizer and this rank's RNG from `checkpoint.resume` (None: nothing to resume).
+
+    With several ranks, rank 0 picks the checkpoint; each rank reads its shards of the model and optimizer
+    (DCP reshards a checkpoint written by a different number of ranks) and its own RNG state.
+    """
+    world = world or distributed.World.single()
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+
+    def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+        loaded = load_pretrained(model_dir, dtype=cfg.model.dtype, device="cpu")
+        return loaded.state_dict()
+
+    if world.distributed:
+        found: Path | None = Path(mode) if mode != "auto" else None
+        if mode == "auto" and world.is_main:
+            newest = latest_checkpoint(run_dir, lambda d: sharded_checkpoint(d.parent))
+            found = newest[0].path if newest else None
+        found = world.broadcast(found)
+        if found is None:
+            return None
+        ckpt = load_checkpoint(found)
+        distributed.load_training_state(actor.model, actor.optimizer, sharded_checkpoint(ckpt.path))
+        actor.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
+        if full_model is not None:
+            distributed.sync_weights(actor.model, full_model)
+    else:
+        if mode == "auto":
+            newest = latest_checkpoint(run_dir, load_weights)
+            if newest is None:
+                return None
+            ckpt, weights = newest
+        else:
+            ckpt = load_checkpoint(Path(mode))
+            weights = load_weights(ckpt.model_dir)
+        actor.model.load_state_dict(weights)
+        actor.load_state_dict(ckpt.optimizer)
+    restore_rng(ckpt.state, world.rank)
+    if world.is_main:
+        print(f"resumed from {ckpt.path} (step {ckpt.state['step']})")
+    return ckpt

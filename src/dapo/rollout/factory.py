@@ -1,0 +1,45 @@
+"""The rollout engine `rollout.engine` names, built on the policy's model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dapo.config import RolloutConfig
+from dapo.models.tokenizer import pad_token_id
+from dapo.rollout.base import RolloutEngine
+
+
+def make_engine(
+    cfg: RolloutConfig, model: nn.Module, tokenizer: Any, *, precision: str = "model"
+) -> RolloutEngine:
+    """The rollout engine named by `rollout.engine`, sharing the policy's weights where it can;
+    ``precision`` is `actor.precision` (``bf16-mixed``: the native engine samples in bf16)."""
+    if cfg.engine == "native":
+        from dapo.rollout.native import NativeEngine
+
+        return NativeEngine(
+            model,  # type: ignore[arg-type]
+            pad_token_id=pad_token_id(tokenizer),
+            max_batch_size=cfg.max_batch_size or None,
+            dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
+        )
+    if cfg.engine == "hf":
+        from dapo.rollout.hf import HFEngine
+
+        return HFEngine(model, pad_token_id=pad_token_id(tokenizer))
+    if cfg.engine == "vllm":
+        from dapo.rollout.vllm import VLLMEngine
+
+        v = cfg.vllm
+        return VLLMEngine(
+            model,
+            kv_cache_gib=v.kv_cache_gib,
+            enforce_eager=v.enforce_eager,
+            tensor_parallel_size=v.tensor_parallel_size,
+            max_model_len=v.max_model_len,
+            sleep_mode=v.sleep_mode,
+        )
+    raise ValueError(f"rollout.engine {cfg.engine!r}: allowed 'native', 'hf', 'vllm'")
