@@ -338,7 +338,7 @@ class TrainerConfig:
     rank (a rank that died or hangs never makes the others hang); in Ray mode also the limit of every
     remote call (a timeout is logged, then the run stops)."""
     backend: Literal["local", "ray"] = "local"
-    """"local": this process, or the ranks torchrun started; "ray": the cluster mode (`dapo.cluster`): this
+    """"local": this process, or the ranks torchrun started; "ray": the cluster mode (`dapo.backends.ray`): this
     process is the single controller, `world_size` trainer ranks and `rollout.num_workers` rollout workers
     run as Ray actors."""
     ray_address: str = ""

@@ -283,7 +283,7 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
 
 @dataclass(frozen=True)
 class RayLayout:
-    """The logical resources of each Ray actor and each placement-group bundle (`dapo.cluster` places
+    """The logical resources of each Ray actor and each placement-group bundle (`dapo.backends.ray` places
     them; `--dry-run` prints them). A rank and a worker take `trainer.ray_cpus_per_actor` CPUs each; on
     CUDA a rank takes one GPU and a worker `rollout.vllm.tensor_parallel_size` (vLLM) or one, and
     colocated, worker i shares rank i % ranks's GPU (half each)."""
