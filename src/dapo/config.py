@@ -338,9 +338,9 @@ class TrainerConfig:
     rank (a rank that died or hangs never makes the others hang); in Ray mode also the limit of every
     remote call (a timeout is logged, then the run stops)."""
     backend: Literal["local", "ray"] = "local"
-    """"local": this process, or the ranks torchrun started; "ray": the cluster mode (`dapo.backends.ray`): this
-    process is the single controller, `world_size` trainer ranks and `rollout.num_workers` rollout workers
-    run as Ray actors."""
+    """"local": this process, or the ranks torchrun started; "ray": the cluster mode
+    (`dapo.backends.ray`): this process is the single controller, `world_size` trainer ranks and
+    `rollout.num_workers` rollout workers run as Ray actors."""
     ray_address: str = ""
     """trainer.backend=ray: the Ray cluster to join ("" = $RAY_ADDRESS, else a local Ray started with
     this machine's CPUs)."""
