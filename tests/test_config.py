@@ -224,3 +224,68 @@ def test_base_chain_loop_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(tmp_path / "a.yaml")
+
+
+def dry_run(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(["train", "--dry-run", *args]) == 0
+    return capsys.readouterr().out
+
+
+def planned(out: str, line: str) -> float:
+    """The GiB figure of a dry-run memory line."""
+    return float(out[out.index(line) :].splitlines()[0].split()[-1])
+
+
+def test_the_7b_preset_fits_8_gpus_of_80_gib(capsys: pytest.CaptureFixture[str]) -> None:
+    out = dry_run(capsys, "--config", str(REPO / "configs" / "dapo_qwen2.5_7b_8gpu.yaml"))
+    assert "FITS in trainer.gpu_memory_gib=80" in out and "DOES NOT FIT" not in out
+    assert "activations (checkpointed)" in out and "logits (chunks of 1024)" in out
+    # without the memory settings the same run does not fit: activations and logits of a 16k-token micro-batch
+    off = dry_run(
+        capsys,
+        "--config",
+        str(REPO / "configs" / "dapo_qwen2.5_7b_8gpu.yaml"),
+        "actor.activation_checkpointing=false",
+        "actor.logits_chunk_tokens=0",
+    )
+    assert "DOES NOT FIT" in off
+    assert planned(off, "activations ") > 5 * planned(out, "activations (checkpointed)")
+
+
+def test_the_32b_ray_trainer_ranks_update_fits_but_loading_does_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The paper's settings on 64 trainer ranks: the update plans under 80 GiB; every rank loading the whole
+    checkpoint before sharding (bf16 + its copy + float32) is what still does not fit."""
+    out = dry_run(capsys, "--config", str(REPO / "configs" / "dapo_qwen2.5_32b_ray.yaml"))
+    ranks = out[out.index("per trainer rank") : out.index("Ray layout")]
+    assert planned(ranks, "total (update)") < 80
+    assert "DOES NOT FIT in trainer.gpu_memory_gib=80" in ranks and "largest: load" in ranks
+    roomy = dry_run(
+        capsys, "--config", str(REPO / "configs" / "dapo_qwen2.5_32b_ray.yaml"), "trainer.gpu_memory_gib=300"
+    )
+    assert "FITS in trainer.gpu_memory_gib=300" in roomy
+
+
+H200_PEAKS_GIB = {  # torch.cuda.max_memory_allocated, scripts/gpu_check.py on an H200 (docs/benchmarks.md)
+    "plain": ({}, 92.95),
+    "checkpointing": ({"activation_checkpointing": True}, 48.46),
+    "chunked logits": ({"logits_chunk_tokens": 2048}, 83.63),
+    "both": ({"activation_checkpointing": True, "logits_chunk_tokens": 2048}, 39.13),
+}
+
+
+@pytest.mark.parametrize("setting", list(H200_PEAKS_GIB))
+def test_the_planner_is_within_15_percent_of_the_measured_gpu_peak(setting: str) -> None:
+    """A Qwen2.5-1.5B-shaped update of one 1,024 + 15,360-token response, bf16-mixed, one GPU."""
+    from dapo.config import ActorConfig
+    from dapo.plan import model_shape, rank_memory
+
+    settings, measured = H200_PEAKS_GIB[setting]
+    args, _ = model_shape("qwen2.5-1.5b")
+    assert args is not None
+    cfg = load_config(None, ["model.dtype=float32", "data.max_prompt_length=1024"])
+    cfg.rollout.max_response_length = 15360
+    cfg.actor = ActorConfig(mini_batch_size=1, micro_batch_size=1, precision="bf16-mixed", **settings)
+    estimate = rank_memory(cfg, args, 1, cuda=True, generates=False).total / 2**30
+    assert 0.85 <= estimate / measured <= 1.15, (estimate, measured)
