@@ -1,6 +1,6 @@
 """The DAPO maths as pure tensor functions (no config objects, no models, no processes).
 
-Equation numbers refer to the paper (arXiv 2503.14476) as summarised in ``shared/paper.md``.
+Equation and section numbers are those of the paper (arXiv 2503.14476).
 
 =====================================  =====================================================================
 function                               implements
@@ -18,7 +18,7 @@ function                               implements
                                        r_it of Eq. 8 needs log π(o_it); entropy and probability are the
                                        training dynamics of §4.3. Chunked over rows.
 ``mismatch_kl``, ``truncated_is_weights``
-                                       train/rollout mismatch (paper.md), not in the paper
+                                       train/rollout mismatch, not in the paper
 ``masked_sum``, ``masked_mean``        helpers
 =====================================  =====================================================================
 
