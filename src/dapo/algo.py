@@ -1,6 +1,6 @@
 """The DAPO maths as pure tensor functions (no config objects, no models, no processes).
 
-Equation numbers refer to the paper (arXiv 2503.14476) as summarised in ``shared/paper.md``.
+Equation and section numbers are those of the paper (arXiv 2503.14476).
 
 =====================================  =====================================================================
 function                               implements
@@ -21,7 +21,7 @@ function                               implements
                                        the same from the final hidden states and the output projection,
                                        a chunk of tokens at a time: never a [tokens x vocabulary] tensor
 ``mismatch_kl``, ``truncated_is_weights``
-                                       train/rollout mismatch (paper.md), not in the paper
+                                       train/rollout mismatch, not in the paper
 ``masked_sum``, ``masked_mean``        helpers
 =====================================  =====================================================================
 

@@ -15,12 +15,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from dapo import __version__
 from dapo.config import DEFAULT_PRESET, Config, dump_config, load_config
 from dapo.errors import UserError
 from dapo.preempt import Stopped
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+EVAL_PRESET = "paper_eval"
+"""The preset `dapo eval` loads for data files when no --config is given: the paper's evaluation protocol."""
 
 DESCRIPTION = """\
 dapo: reinforcement learning for language models with DAPO (arXiv 2503.14476).
@@ -30,7 +34,8 @@ dapo: reinforcement learning for language models with DAPO (arXiv 2503.14476).
   dapo train --config FILE --dry-run
                                   print the resolved config and the per-step plan, load nothing, exit
   dapo eval --model DIR --data FILE
-                                  avg@k / pass@k / maj@k of a checkpoint on a dataset
+                                  avg@32 / pass@32 / maj@32 of a checkpoint on a dataset, with the
+                                  paper's protocol (temperature 1.0, top-p 0.7, 20,480 response tokens)
   dapo report RUN_DIR [RUN_DIR ...] [--out DIR]
                                   figures, summary and health notes of runs (DIR/index.html)
   dapo config [--config FILE]     print the resolved config with each field's documentation
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dapo", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     _add_debug_arg(parser, False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,report,config}")
 
     train = sub.add_parser(
@@ -83,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="evaluate a checkpoint (avg@k, pass@k, maj@k)",
-        description="Evaluate a checkpoint directory on a dataset: avg@k, pass@k, maj@k per data source.",
+        description="Evaluate a checkpoint directory on a dataset: avg@k, pass@k, maj@k per data source. "
+        f"Without --config: the paper's protocol ('{EVAL_PRESET}' preset: k 32, temperature 1.0, top-p 0.7, "
+        "20,480 response tokens, every row) for data files; the embedded default's ('tiny': k 8) for "
+        "'arithmetic'.",
     )
     _add_config_args(ev)
     ev.add_argument("--model", required=True, help="checkpoint directory (Hugging Face format) or 'tiny'")
@@ -163,15 +172,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_config_name(config: str | None, data: Sequence[str]) -> str:
+    """The config `dapo eval` loads: `--config` when given; else the embedded default ('tiny') when every
+    `--data` entry is the built-in arithmetic task, and the paper's evaluation protocol (`EVAL_PRESET`) for
+    data files (AIME 2024 avg@32 as the paper reports it)."""
+    from dapo.data.prompts import BUILTIN_TASK
+
+    if config is not None:
+        return config
+    return DEFAULT_PRESET if all(d == BUILTIN_TASK for d in data) else EVAL_PRESET
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)
+    config = eval_config_name(args.config, list(args.data))
+    cfg = load_config(config, list(args.overrides))
     from dapo.evaluate import evaluate_checkpoint
     from dapo.preflight import check_eval
 
     check_eval(cfg, args.model, list(args.data))
 
-    evaluate_checkpoint(cfg, model_path=args.model, data_files=list(args.data), k=args.k)
+    evaluate_checkpoint(
+        cfg, model_path=args.model, data_files=list(args.data), k=args.k, config_name=Path(config).stem
+    )
     return 0
 
 

