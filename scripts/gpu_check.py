@@ -57,8 +57,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def update_check(prompt: int = 1024, response: int = 15360, repeats: int = 3) -> list[dict[str, Any]]:
-    args, _ = model_shape("qwen2.5-1.5b")
+def update_check(
+    shape: str = "qwen2.5-1.5b", prompt: int = 1024, response: int = 15360, repeats: int = 3
+) -> list[dict[str, Any]]:
+    args, _ = model_shape(shape)
     assert args is not None
     if SMOKE:
         args = dataclasses.replace(args, **SMOKE_SHAPE)
@@ -239,6 +241,8 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
     parser.add_argument("--parts", default="update,generation,torchrun")
+    parser.add_argument("--update-shape", default="qwen2.5-1.5b", help="a name of dapo.plan.KNOWN_SHAPES")
+    parser.add_argument("--update-tokens", default="1024,15360", help="prompt,response tokens of the update")
     args = parser.parse_args()
     if DEV.type == "cuda" and not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here", file=sys.stderr)
@@ -253,7 +257,7 @@ def main() -> int:
     ok = True
     parts = args.parts.split(",")
     checks = {
-        "update": update_check,
+        "update": lambda: update_check(args.update_shape, *map(int, args.update_tokens.split(","))),
         "generation": generation_check,
         "torchrun": lambda: torchrun_check(args.out),
     }
