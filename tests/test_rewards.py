@@ -39,7 +39,7 @@ def test_math_dapo_matches_every_reference_example() -> None:
     assert not mismatches, mismatches
 
 
-# (rule, raw answer text, normalised); worked out by hand from paper.md, "The reference verifier".
+# (rule, raw answer text, normalised); worked out by hand from the reference verifier (verl's math_dapo.py).
 NORMALISATION_CASES = [
     ("last '='", "x = 5", "5"),
     ("last '=' of several", "a=b=7", "7"),

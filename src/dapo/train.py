@@ -5,14 +5,19 @@ mini-batches (`actor.mini_batch_size` responses, one optimizer step each) and ea
 micro-batches (memory only). The loss of a mini-batch uses ONE global denominator computed from the whole
 mini-batch's mask (`algo.loss_denominator`), so summing the micro-batch losses gives exactly the mini-batch
 loss and the gradient does not depend on the micro-batch size nor on the number of data-parallel ranks.
-verl divides each micro-batch by its own token count instead; see paper.md, "What the public
-implementations got wrong".
+verl divides each micro-batch by its own token count instead (the DAPO authors confirmed their run had
+this).
 
 Data-parallel (`dapo.distributed`): every rank holds the whole step's batch and trains its contiguous share
 of each mini-batch's responses. The denominator is the sum over ranks of each share's count (one all-reduce
 before the first backward); gradients are summed across ranks, so the update equals the single-process one.
 Every rank runs the same number of micro-batches (a short share is padded with empty ones: FSDP's
 collectives would otherwise deadlock), and metrics are reduced with the single-process weights.
+
+Memory at long lengths (docs/memory.md), each exact: micro-batches by a token budget
+(`actor.max_tokens_per_micro_batch`, `micro_batch_plan`; ranks pad to the largest count), log-probs and
+entropy from the final hidden states through the LM head in chunks (`actor.logits_chunk_tokens`,
+`algo.token_stats_from_hidden`), and activation checkpointing (applied by `dapo.distributed.parallelize`).
 
 The schedule is the paper's: linear warm-up over `warmup_steps` training steps, then constant. A non-finite
 loss or gradient skips that optimizer step and leaves the weights unchanged.
