@@ -75,7 +75,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
+    model: nn.Module | None,
     tokenizer: Any,
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
@@ -86,8 +86,9 @@ def save_checkpoint(
 ) -> Path:
     """Write step `step`'s checkpoint atomically, then delete all but the newest `keep_last`.
 
-    ``model`` holds the full weights (written by rank 0); ``sharded`` (data-parallel) is written by every
-    rank with DCP. Every rank calls this; it returns when the checkpoint is complete on all of them.
+    ``model`` holds the full weights (written by rank 0; None on a rank without a copy); ``sharded``
+    (data-parallel) is written by every rank with DCP. Every rank calls this; it returns when the checkpoint
+    is complete on all of them.
     """
     from dapo.models import save_pretrained
 
@@ -107,6 +108,8 @@ def save_checkpoint(
         save(sharded, checkpoint_id=str(sharded_checkpoint(tmp)))
     rngs = world.gather(_rng_state())
     if world.is_main:
+        if model is None:
+            raise ValueError("rank 0 writes the full weights: it needs a model")
         save_pretrained(model, tmp / "model")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "model"))

@@ -68,7 +68,8 @@ class TrainerRank:
                 device=self.cfg.model.device, timeout_s=self.cfg.trainer.collective_timeout_s
             )
             _threads(self.cfg.trainer.ray_cpus_per_actor)
-        self.policy = Policy(self.cfg, world, self.run_dir)
+        # only rank 0 keeps the full weights: it writes the checkpoint's model/ and broadcasts them
+        self.policy = Policy(self.cfg, world, self.run_dir, keep_full=self.rank == 0)
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def update(self, batch: TrainBatch) -> tuple[dict[str, float], torch.Tensor | None]:
@@ -90,9 +91,7 @@ class TrainerRank:
         return ray.util.get_node_ip_address(), int(self.store.port)
 
     def join_weight_group(self, size: int, generation: int) -> None:
-        self.sync_device = distributed.weight_sync_device(
-            next(self.policy.full_model.parameters()).device, self.cfg.rollout.colocate
-        )
+        self.sync_device = distributed.weight_sync_device(self.policy.world.device, self.cfg.rollout.colocate)
         self.group = distributed.weight_group(
             self.store, 0, size, generation, self.cfg.trainer.collective_timeout_s, self.sync_device
         )
@@ -106,7 +105,7 @@ class TrainerRank:
         if self.rank != 0 or self.group is None:
             return {}
         self.version, sent = distributed.broadcast_weights(
-            self.group, self.policy.full_model, version, self.sync_device
+            self.group, self.policy.full, version, self.sync_device
         )
         return {"rollout/weight_sync_mb": sent / 2**20, "time/weight_broadcast_s": time.perf_counter() - t0}
 
@@ -122,7 +121,7 @@ class TrainerRank:
 
     def checksum(self) -> str:
         """Rank 0: the digest of the full weights the workers should hold."""
-        return distributed.weights_checksum(self.policy.full_model)
+        return distributed.weights_checksum(self.policy.full)
 
 
 class RolloutWorker:

@@ -169,7 +169,7 @@ def init_world(*, device: str = "auto", timeout_s: float = 600.0) -> World:
 
 
 def parallelize(
-    model: nn.Module, world: World, *, activation_checkpointing: bool = False
+    model: nn.Module, world: World, *, activation_checkpointing: bool = False, offload_params: bool = False
 ) -> tuple[nn.Module, nn.Module]:
     """(the module to train, the module to generate with).
 
@@ -183,14 +183,6 @@ def parallelize(
         if activation_checkpointing:
             checkpoint_layers(model)
         return model, model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import (
-        FSDPModule,
-        MixedPrecisionPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
-
     from dapo.models import CausalLM
 
     if not isinstance(model, CausalLM):
@@ -203,12 +195,32 @@ def parallelize(
     rollout_model = _plain_copy(model)
     if activation_checkpointing:  # after the copy: the engine's layers stay plain
         checkpoint_layers(model)
-    mesh = init_device_mesh(world.device.type, (world.size,))
-    kwargs: dict[str, Any] = {"mesh": mesh}
     if world.device.type == "cuda":
         model.float()  # master weights; the engine's copy keeps the checkpoint dtype
-        if rollout_model.lm_head_weight.dtype != torch.float32:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed = rollout_model.lm_head_weight.dtype != torch.float32
+    _fully_shard(model, world, mixed=mixed, offload=offload_params)
+    return model, rollout_model
+
+
+def _fully_shard(model: Any, world: World, *, mixed: bool, offload: bool = False) -> None:
+    """FSDP2 on a `CausalLM`: each decoder layer, the embedding (+ head), the root; gradients summed. With
+    ``offload`` (CUDA) the shards, their gradients and so the optimizer live in host memory (FSDP2's CPU
+    offload: each layer is copied to the GPU for its all-gather, and the optimizer steps on the CPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if world.device.type == "cuda" and mixed:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if world.device.type == "cuda" and offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in model.model.layers:
         fully_shard(layer, **kwargs)
         # the prefix-shared training forward calls the layers' `forward_shared`, not `forward`
@@ -225,7 +237,58 @@ def parallelize(
         if isinstance(m, FSDPModule):  # neither call is recursive
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
-    return model, rollout_model
+
+
+def load_sharded(
+    model_dir: Any,
+    dtype: str,
+    world: World,
+    *,
+    activation_checkpointing: bool = False,
+    full_copy: bool = True,
+    offload_params: bool = False,
+) -> tuple[nn.Module, nn.Module | None]:
+    """`parallelize` of a checkpoint directory without ever holding the whole model as training weights:
+    the model is built on the meta device, sharded, and each rank reads only its rows of each tensor from
+    the safetensors files (memory-mapped, one tensor at a time) into its shard. With ``full_copy`` the
+    plain full copy an engine needs is loaded at the checkpoint's dtype (``dtype``, as `load_pretrained`),
+    else None (a rank that never generates nor broadcasts). The weights equal `parallelize`'s of
+    `load_pretrained`'s model."""
+    import json
+    import math
+    from pathlib import Path
+
+    from dapo.models import CausalLM, ModelArgs, load_pretrained
+    from dapo.models.hub import checkpoint_files, read_rows, resolve_dtype
+
+    path = Path(model_dir)
+    config = json.loads((path / "config.json").read_text())
+    load_dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = CausalLM(ModelArgs.from_hf_config(config))
+    model.to(torch.float32 if world.device.type == "cuda" else load_dtype)  # master weights on CUDA
+    full = None
+    if full_copy:
+        full = load_pretrained(path, dtype=load_dtype, device=world.device)
+        for p in full.parameters():
+            p.requires_grad_(False)
+    if activation_checkpointing:
+        checkpoint_layers(model)
+    _fully_shard(model, world, mixed=load_dtype != torch.float32, offload=offload_params)
+    on_host = offload_params and world.device.type == "cuda"
+    model.to_empty(device="cpu" if on_host else world.device)
+    files = checkpoint_files(path)
+    missing = sorted(name for name, _ in model.named_parameters() if name not in files)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors {missing[:5]}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # this rank's rows (torch.chunk of dim 0)
+            if local.shape[0] == 0:
+                continue
+            start = world.rank * math.ceil(p.shape[0] / world.size)
+            local.copy_(read_rows(files[name], name, start, start + local.shape[0]))
+    return model, full
 
 
 def checkpoint_layers(model: nn.Module) -> None:
@@ -270,17 +333,19 @@ def _plain_copy(model: nn.Module) -> Any:
 
 
 @torch.no_grad()
-def sync_weights(sharded: nn.Module, plain: nn.Module) -> dict[str, float]:
+def sync_weights(sharded: nn.Module, plain: nn.Module | None) -> dict[str, float]:
     """Copy the full weights of ``sharded`` into ``plain``, one parameter at a time (each `full_tensor()`
-    is an all-gather, in the same order on every rank). `time/weight_sync_s` and `rollout/weight_sync_mb`
-    (bytes gathered per rank); nothing when both are the same module."""
+    is an all-gather, in the same order on every rank; a rank without a copy, ``plain`` None, takes part and
+    drops what it gathered). `time/weight_sync_s` and `rollout/weight_sync_mb` (bytes gathered per rank);
+    nothing when both are the same module."""
     if sharded is plain:
         return {}
     t0, moved = time.perf_counter(), 0
-    target = dict(plain.named_parameters())
+    target = dict(plain.named_parameters()) if plain is not None else {}
     for name, p in sharded.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        target[name].copy_(full)
+        if plain is not None:
+            target[name].copy_(full)
         moved += full.numel() * full.element_size()
     return {"time/weight_sync_s": time.perf_counter() - t0, "rollout/weight_sync_mb": moved / 2**20}
 

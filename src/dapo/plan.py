@@ -107,7 +107,13 @@ def micro_batch_tokens(cfg: Config) -> int:
 
 
 def rank_memory(
-    cfg: Config, a: ModelArgs, world_size: int, *, cuda: bool, generates: bool = True
+    cfg: Config,
+    a: ModelArgs,
+    world_size: int,
+    *,
+    cuda: bool,
+    generates: bool = True,
+    full_copy: bool | None = None,
 ) -> RankMemory:
     """Per-rank estimate at the config's sizes; the coefficients were fitted to
     `torch.cuda.max_memory_allocated` of a Qwen2.5-1.5B-shaped update at 16k tokens on an H200
@@ -126,8 +132,11 @@ def rank_memory(
     two compute-dtype ``[chunk x vocabulary]`` temporaries (the forward's and the backward's softmax
     maths). The engine holds a full copy of the weights at the model dtype and a KV cache of 2 · layers ·
     KV heads · head dim values per token for every row it decodes at once. A rank that does not generate
-    (Ray: the rollout workers do, see `worker_memory`) holds neither. Loading: every rank reads the whole
-    checkpoint (model dtype), copies it and casts it to float32 before sharding.
+    (Ray: the rollout workers do, see `worker_memory`) holds no KV cache, and the full copy only with
+    ``full_copy`` (Ray's trainer rank 0, which writes checkpoints and broadcasts the weights). Loading (ranks
+    > 1, the native model): the rank's float32 shard, its full copy if it keeps one, and the rows of one
+    tensor (`distributed.load_sharded`); transformers' model: the whole checkpoint, a copy and a float32
+    cast.
     """
     total, layer = parameter_count(a)
     compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
@@ -153,6 +162,14 @@ def rank_memory(
     host_state = cfg.actor.offload == "optimizer+params" and cuda
     engine_weights, kv_cache = _engine_memory(cfg, a, round_prompts(cfg, w), compute)
     dtype_bytes = _DTYPE_BYTES[cfg.model.dtype]
+    keeps_copy = (generates if full_copy is None else full_copy) and w > 1
+    if w == 1:
+        load: float = total * dtype_bytes
+    elif cfg.model.implementation == "native":  # `distributed.load_sharded`: shards, the copy, one tensor
+        rows = a.vocab_size * a.hidden_size * (dtype_bytes + 4) / w
+        load = (0.0 if host_state else 4 * total / w) + (engine_weights if keeps_copy else 0.0) + rows
+    else:  # transformers' model: the whole checkpoint, a copy for the engine, a float32 cast
+        load = total * (2 * dtype_bytes + 4)
     return RankMemory(
         params=0.0 if host_state else 4 * total / w,
         grads=0.0 if host_state else 4 * total / w,
@@ -161,9 +178,9 @@ def rank_memory(
         weight_casts=2 * total if w == 1 and cfg.actor.precision == "bf16-mixed" else 0.0,
         activations=activations,
         logits=logits,
-        engine_weights=engine_weights if generates and w > 1 else 0.0,
+        engine_weights=engine_weights if keeps_copy else 0.0,
         kv_cache=kv_cache if generates else 0.0,
-        load=total * (2 * dtype_bytes + 4) if w > 1 else total * dtype_bytes,
+        load=load,
     )
 
 
@@ -261,7 +278,15 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
     limit = cfg.trainer.gpu_memory_gib
     if cuda:
         verdict = "FITS" if m.peak <= limit * gib else "DOES NOT FIT"
-        lines.append(f"  {verdict} in trainer.gpu_memory_gib={limit:g}: peak {m.peak / gib:.1f} GiB")
+        who = "ranks 1+: " if not generates and w > 1 else ""
+        lines.append(f"  {who}{verdict} in trainer.gpu_memory_gib={limit:g}: peak {m.peak / gib:.1f} GiB")
+    if not generates and w > 1:  # Ray: trainer rank 0 also keeps the full weights
+        m0 = rank_memory(cfg, args, w, cuda=cuda, generates=False, full_copy=True)
+        copy = f"+{m0.engine_weights / gib:.2f} GiB, peak {m0.peak / gib:.1f} GiB"
+        lines.append(f"  rank 0 also keeps the full weights (checkpoints, the broadcast): {copy}")
+        if cuda:
+            verdict = "FITS" if m0.peak <= limit * gib else "DOES NOT FIT"
+            lines.append(f"  rank 0: {verdict} in trainer.gpu_memory_gib={limit:g}")
     largest = sorted(((k, v) for k, v in vars(m).items() if v > 0), key=lambda kv: -kv[1])[:3]
     hints = {
         "activations": "actor.activation_checkpointing, actor.max_tokens_per_micro_batch",
@@ -269,7 +294,7 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
         "engine_weights": "each rank generates from a full copy of the weights",
         "logits": "actor.logits_chunk_tokens",
         "optimizer": "actor.offload=optimizer+params, or more ranks",
-        "load": "every rank loads the whole checkpoint before sharding",
+        "load": "the full copy (model.implementation=hf: the whole model, copied and cast) per rank",
     }
     for name, value in largest:
         hint = f": {hints[name]}" if name in hints else ""

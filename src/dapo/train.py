@@ -193,7 +193,9 @@ class Actor:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model computes: the rank's device (FSDP2 may keep the shards in host memory), else the
+        parameters'."""
+        return self.world.device if self.world.distributed else next(self.model.parameters()).device
 
     def _share(self, batch: TrainBatch, start: int, stop: int) -> tuple[range, list[range], int]:
         """This rank's rows of the mini-batch ``[start, stop)``, its micro-batches over them, and the number
@@ -305,6 +307,7 @@ class Actor:
         no extra pass); only the later mini-batches get a no-grad pass before the first optimizer step.
         On return `batch.old_logprobs` holds every row (summed over the ranks that computed them).
         """
+        self._optimizer_to(next(self.model.parameters()).device)  # actor.offload: states back for the update
         on_policy_rows = 0
         if batch.old_logprobs is None:
             on_policy_rows = min(self.cfg.mini_batch_size, len(batch))
@@ -355,6 +358,8 @@ class Actor:
                 grad_norms.append(gnorm)
                 pg_loss += loss_total
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.offload != "none":  # host memory until the next update (generation has the device)
+            self._optimizer_to(torch.device("cpu"))
         if self.world.size > 1:  # each row was filled by exactly one rank, 0 elsewhere
             batch.old_logprobs = self.world.sum_tensor(batch.old_logprobs)
         lr = self.scheduler.get_last_lr()[0]
@@ -412,6 +417,15 @@ class Actor:
                 "ratio_mean": float(out.ratio_mean),
             }
         return loss, metrics
+
+    def _optimizer_to(self, device: torch.device) -> None:
+        """Move AdamW's state tensors (moments, step counts) to ``device``; a no-op where they are."""
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.device != device:
+                    state[key] = value.to(device, non_blocking=device.type == "cuda")
+        if device.type == "cpu" and self.device.type == "cuda":
+            torch.cuda.synchronize()  # the copies have landed before the device memory is reused
 
     def _clip_gradients(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

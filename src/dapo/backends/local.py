@@ -23,7 +23,7 @@ class LocalBackend:
         self.tokenizer, self.model_dir = self.policy.tokenizer, self.policy.model_dir
         self.layout = f", {world.size} data-parallel ranks" if world.distributed else ""
         self.local_engine = make_engine(
-            cfg.rollout, self.policy.full_model, self.tokenizer, precision=cfg.actor.precision
+            cfg.rollout, self.policy.full, self.tokenizer, precision=cfg.actor.precision
         )
         self.engine: RolloutEngine = distributed.ShardedEngine(self.local_engine, world)
         self.pool = make_reward_pool(cfg.reward)
@@ -33,7 +33,7 @@ class LocalBackend:
     def sync_weights(self) -> dict[str, float]:
         # in one process the engine shares the policy's parameters; ranks gather the new full weights
         metrics = self.policy.gather_weights()
-        metrics.update(sync_engine_weights(self.local_engine, self.policy.full_model))  # vLLM: its own copy
+        metrics.update(sync_engine_weights(self.local_engine, self.policy.full))  # vLLM: its own copy
         return metrics
 
     def step_metrics(self) -> dict[str, float]:
@@ -47,7 +47,7 @@ class LocalBackend:
         if ckpt is None:
             return None
         # an engine with its own copy of the weights (vLLM) was built before they were loaded
-        sync_engine_weights(self.local_engine, self.policy.full_model)
+        sync_engine_weights(self.local_engine, self.policy.full)
         return dict(ckpt.state)
 
     def close(self) -> None:

@@ -18,8 +18,10 @@ from dapo.checkpoint import (
     sharded_checkpoint,
 )
 from dapo.config import Config
+from dapo.errors import UserError
 from dapo.models import load_pretrained
-from dapo.models.load import load_policy
+from dapo.models.load import load_policy, resolve_model_path
+from dapo.models.tokenizer import load_tokenizer
 from dapo.rollout.base import RolloutEngine, WeightSyncedEngine
 from dapo.train import Actor
 
@@ -27,21 +29,54 @@ from dapo.train import Actor
 class Policy:
     """The policy as the update sees it: the module to train, the full-weight module the engines read (the
     same module in one process), the actor; its checkpoint written and restored. One per rank: built by
-    `LocalBackend`, and by each Ray trainer rank (`dapo.cluster.TrainerRank`)."""
+    `LocalBackend`, and by each Ray trainer rank (`dapo.cluster.TrainerRank`).
 
-    def __init__(self, cfg: Config, world: distributed.World, run_dir: Path) -> None:
+    ``keep_full``: whether this rank keeps the full-weight copy (every rank that generates; of the Ray trainer
+    ranks only rank 0, which writes the checkpoint's `model/` and broadcasts the weights). Under a launcher
+    the native model is loaded sharded (`distributed.load_sharded`): no rank ever holds the whole model as
+    training weights."""
+
+    def __init__(
+        self, cfg: Config, world: distributed.World, run_dir: Path, *, keep_full: bool = True
+    ) -> None:
         self.cfg, self.world, self.run_dir = cfg, world, run_dir
-        model, self.tokenizer, self.model_dir = load_policy(
-            cfg.model, device=world.device if world.distributed else None
-        )
+        checkpointing = cfg.actor.activation_checkpointing
+        offload = cfg.actor.offload == "optimizer+params"
+        if offload and not world.distributed:
+            raise UserError(
+                "actor.offload=optimizer+params: needs data-parallel ranks (FSDP2 shards; in one process the "
+                "engine generates from the parameters themselves); allowed here: none, optimizer"
+            )
+        self.full_model: torch.nn.Module | None
+        if world.distributed and cfg.model.implementation == "native":
+            self.model_dir = resolve_model_path(cfg.model.path)
+            self.tokenizer = load_tokenizer(self.model_dir)
+            self.train_model, self.full_model = distributed.load_sharded(
+                self.model_dir,
+                cfg.model.dtype,
+                world,
+                activation_checkpointing=checkpointing,
+                full_copy=keep_full,
+            )
+        else:
+            model, self.tokenizer, self.model_dir = load_policy(
+                cfg.model, device=world.device if world.distributed else None
+            )
+            # one module in one process (FSDP2 shards and a full copy under a launcher, for the hf model)
+            self.train_model, self.full_model = distributed.parallelize(
+                model, world, activation_checkpointing=checkpointing, offload_params=offload
+            )
         torch.manual_seed(
             cfg.trainer.seed
         )  # after the policy: however it was loaded (or built), the same state
-        # one module in one process; FSDP2 shards to train and a full copy to generate with on each rank
-        self.train_model, self.full_model = distributed.parallelize(
-            model, world, activation_checkpointing=cfg.actor.activation_checkpointing
-        )
         self.actor = make_actor(cfg, self.train_model, world)
+
+    @property
+    def full(self) -> torch.nn.Module:
+        """The full-weight copy (a rank built with ``keep_full``)."""
+        if self.full_model is None:
+            raise RuntimeError(f"rank {self.world.rank} keeps no full copy of the weights")
+        return self.full_model
 
     def gather_weights(self) -> dict[str, float]:
         """The updated shards into the full-weight copy (ranks); nothing in one process."""
@@ -82,7 +117,7 @@ def save_checkpoint_of(
     step: int,
     actor: Actor,
     state: dict[str, Any],
-    full_model: torch.nn.Module,
+    full_model: torch.nn.Module | None,
     tokenizer: Any,
     world: distributed.World,
 ) -> None:
@@ -133,8 +168,7 @@ def restore_policy(
         ckpt = load_checkpoint(found)
         distributed.load_training_state(actor.model, actor.optimizer, sharded_checkpoint(ckpt.path))
         actor.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
-        if full_model is not None:
-            distributed.sync_weights(actor.model, full_model)
+        distributed.sync_weights(actor.model, full_model)  # every rank gathers, with a copy or not
     else:
         if mode == "auto":
             newest = latest_checkpoint(run_dir, load_weights)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -151,6 +152,26 @@ def _load_hf(path: Path, dtype: torch.dtype, dev: torch.device) -> HFCausalLM:
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **{dtype_kw: dtype})
     module: nn.Module = hf  # typed as a plain module: transformers' own `to` overloads confuse mypy
     return HFCausalLM(module.to(dev)).eval()
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Which safetensors file of a checkpoint directory holds each tensor (nothing is read)."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    if not index.is_file():
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    return {name: path / shard for name, shard in weight_map.items()}
+
+
+def read_rows(file: Path, name: str, start: int, stop: int) -> Tensor:
+    """Rows ``[start, stop)`` of one tensor of a safetensors file, read alone (the file is memory-mapped:
+    the other rows and tensors are never loaded)."""
+    with safe_open(str(file), framework="pt") as f:
+        rows: Tensor = f.get_slice(name)[start:stop]
+        return rows
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
