@@ -166,8 +166,8 @@ def rank_memory(
     if w == 1:
         load: float = total * dtype_bytes
     elif cfg.model.implementation == "native":  # `distributed.load_sharded`: shards, the copy, one tensor
-        rows = a.vocab_size * a.hidden_size * (dtype_bytes + 4) / w
-        load = (0.0 if host_state else 4 * total / w) + (engine_weights if keeps_copy else 0.0) + rows
+        one_tensor = a.vocab_size * a.hidden_size * (dtype_bytes + 4) / w
+        load = (0.0 if host_state else 4 * total / w) + (engine_weights if keeps_copy else 0.0) + one_tensor
     else:  # transformers' model: the whole checkpoint, a copy for the engine, a float32 cast
         load = total * (2 * dtype_bytes + 4)
     return RankMemory(
