@@ -4,11 +4,13 @@ built here). Run from the repository root: ``python scripts/gpu_check.py [--out 
 1. update: one `Actor.update` of a random Qwen2.5-1.5B-shaped model (float32 masters, bf16-mixed) on one
    response of 16,384 tokens (1,024 prompt + 15,360 response), with each memory setting on and off: time,
    MFU (model FLOPs over the GPU's dense bf16 peak) and the peak of `torch.cuda.max_memory_allocated`
-   against the `--dry-run` planner's estimate (`dapo.plan.rank_memory`) for the same settings.
+   against the `--dry-run` planner's estimate (`dapo.plan.rank_memory`) for the same settings, and the
+   memory held between updates (`actor.offload=optimizer` moves AdamW's states to the host).
 2. generation: the native engine's bf16 sampling against transformers' `generate` on the same random
    Qwen2.5-0.5B-shaped weights and prompts (tokens/s, every row decoding the full budget).
-3. torchrun: `torchrun --nproc-per-node 1 -m dapo train` (NCCL) for 2 steps with checkpoints, then resumed
-   to 4 steps (`--resume auto`), on a random model with the built-in task's tokenizer.
+3. torchrun: `torchrun --nproc-per-node 1 -m dapo train` (NCCL; the policy loaded sharded,
+   `distributed.load_sharded`) for 2 steps with checkpoints, then resumed to 4 steps (`--resume auto`), on a
+   random model with the built-in task's tokenizer.
 
 Prints one table per part and writes ``<out>/gpu_check.json``. Exit status 1 if a part fails.
 """
@@ -49,6 +51,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "checkpointing": {"activation_checkpointing": True},
     "chunked logits": {"logits_chunk_tokens": 2048},
     "both": {"activation_checkpointing": True, "logits_chunk_tokens": 2048},
+    "both + optimizer offload": {
+        "activation_checkpointing": True,
+        "logits_chunk_tokens": 2048,
+        "offload": "optimizer",
+    },
 }
 
 
@@ -116,6 +123,7 @@ def update_check(
             if i > 0:
                 times.append(time.perf_counter() - t0)
         peak = 1 if SMOKE else torch.cuda.max_memory_allocated()
+        resident = 0 if SMOKE else torch.cuda.memory_allocated()  # between updates (generation's share)
         plan_cfg = Config()
         plan_cfg.model.dtype = "float32"
         plan_cfg.data.max_prompt_length, plan_cfg.rollout.max_response_length = prompt, response
@@ -128,6 +136,7 @@ def update_check(
                 "update_s": seconds,
                 "mfu": 3 * forward / seconds / PEAK_BF16,
                 "peak_gib": peak / GIB,
+                "between_updates_gib": resident / GIB,
                 "planned_gib": est / GIB,
                 "planned_over_measured": est / peak,
                 "finite": bool(torch.isfinite(torch.tensor(metrics["actor/pg_loss"]))),
