@@ -100,7 +100,10 @@ def update_check(
         + 2 * args.hidden_size * args.vocab_size * response
     )
     rows = []
+    chosen = os.environ.get("GPU_CHECK_SETTINGS")  # a comma-separated subset of SETTINGS
     for name, settings in SETTINGS.items():
+        if chosen and name not in chosen.split(","):
+            continue
         model = copy.deepcopy(base)
         world = distributed.World.single(dev)
         checkpointing = bool(settings.get("activation_checkpointing", False))

@@ -420,9 +420,15 @@ class Actor:
 
     def _optimizer_to(self, device: torch.device) -> None:
         """Move AdamW's state tensors (moments, step counts) to ``device``; a no-op where they are."""
+        pin = device.type == "cpu" and torch.cuda.is_available()  # page-locked: copies at full PCIe speed
         for state in self.optimizer.state.values():
             for key, value in state.items():
-                if isinstance(value, Tensor) and value.device != device:
+                if not isinstance(value, Tensor) or value.device == device:
+                    continue
+                if pin:
+                    host = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+                    state[key] = host.copy_(value, non_blocking=True)
+                else:
                     state[key] = value.to(device, non_blocking=device.type == "cuda")
         if device.type == "cpu" and self.device.type == "cuda":
             torch.cuda.synchronize()  # the copies have landed before the device memory is reused
