@@ -38,8 +38,10 @@ class ConfigError(UserError, ValueError):
 @dataclass
 class ModelConfig:
     path: str = "tiny"
-    """Hugging Face checkpoint directory (config.json + safetensors + tokenizer), or "tiny" for the built-in
-    tiny model (built locally on first use and cached; never downloaded)."""
+    """Hugging Face checkpoint directory (config.json + safetensors + tokenizer); a Hugging Face Hub id
+    (``Qwen/Qwen2.5-7B``: taken from the local Hub cache, else downloaded into it; HF_HUB_OFFLINE=1 uses the
+    cache only); or "tiny" for the built-in tiny model (built locally on first use and cached; never
+    downloaded)."""
     implementation: Literal["native", "hf"] = "native"
     """"native": dapo's compact Llama/Qwen2/Qwen3 implementation; "hf": transformers' model (any architecture
     it knows)."""
@@ -415,9 +417,17 @@ class LoggingConfig:
     """Show progress: a bar with ETA and the key figures on a terminal, else plain lines (see every_steps)."""
     every_steps: int = 10
     """When the output is not a terminal (a log file): one plain progress line every this many steps."""
+    wandb: bool = False
+    """Also log the metrics to Weights & Biases (the `wandb` extra: pip install 'dapo[wandb]'), from the main
+    process only; the run is named after the run directory and carries the resolved config."""
+    wandb_project: str = "dapo"
+    """The W&B project of the run (with logging.wandb)."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """Tags of the W&B run (with logging.wandb)."""
 
     def validate(self) -> None:
         _check(self.every_steps >= 1, "logging.every_steps", self.every_steps, "an integer >= 1")
+        _check(self.wandb_project != "", "logging.wandb_project", self.wandb_project, "a project name")
 
 
 @dataclass

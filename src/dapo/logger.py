@@ -1,4 +1,5 @@
-"""Run logging: `metrics.jsonl` (one JSON object per step), TensorBoard scalars and the console.
+"""Run logging: `metrics.jsonl` (one JSON object per step), TensorBoard scalars, Weights & Biases (opt-in:
+`logging.wandb`) and the console.
 
 Metric names are namespaced: `reward/`, `filter/`, `rollout/`, `actor/`, `eval/`, `perf/`, `time/`.
 
@@ -11,14 +12,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import secrets
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
+
+from dapo.config import Config, config_to_dict
+from dapo.errors import UserError
 
 # the figures shown beside the progress bar
 CONSOLE_KEYS = {
@@ -29,6 +36,51 @@ CONSOLE_KEYS = {
     "rollout/response_length_mean": "len",
     "perf/tokens_per_s": "tok/s",
 }
+
+
+@dataclass
+class WandbSettings:
+    """The Weights & Biases run a `RunLogger` also logs to (named after the run directory)."""
+
+    project: str = "dapo"
+    tags: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved config, as plain data."""
+
+
+def wandb_settings(cfg: Config) -> WandbSettings | None:
+    """`logging.wandb`'s settings with the resolved config; None when it is off."""
+    if not cfg.logging.wandb:
+        return None
+    return WandbSettings(cfg.logging.wandb_project, list(cfg.logging.wandb_tags), config_to_dict(cfg))
+
+
+def start_wandb(run_dir: Path, settings: WandbSettings, start_step: int = 0) -> Any:
+    """A W&B run named after the run directory. Its id is kept in the run directory (`wandb_run_id`), so a
+    run resumed from a checkpoint (``start_step`` > 0) continues the same W&B run (W&B drops the steps it
+    already has: those after the checkpoint that are logged again); a run starting at step 0 is a new W&B
+    run. Its local files go to `WANDB_DIR` when set, else into the run directory; `WANDB_MODE=offline` keeps
+    them there for `wandb sync`."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(
+            "logging.wandb=true needs the wandb package: pip install 'dapo[wandb]' (or pip install wandb), "
+            "or set logging.wandb=false"
+        ) from None
+    id_file = run_dir / "wandb_run_id"
+    resumed = start_step > 0 and id_file.is_file()
+    run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=settings.project,
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        tags=settings.tags,
+        config=settings.config,
+        dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
+    )
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -42,7 +94,8 @@ class RunLogger:
     """Writes each step's metrics to the run directory and shows progress.
 
     `progress`: show it at all; `interactive` (default: stdout and stderr are terminals) chooses the bar
-    over plain lines every `every_steps` steps, written to `stream` (default stdout).
+    over plain lines every `every_steps` steps, written to `stream` (default stdout). `wandb`: also log
+    to Weights & Biases (`start_wandb`).
     """
 
     def __init__(
@@ -56,6 +109,7 @@ class RunLogger:
         every_steps: int = 10,
         interactive: bool | None = None,
         stream: TextIO | None = None,
+        wandb: WandbSettings | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
@@ -65,6 +119,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        self.wandb_run: Any = start_wandb(run_dir, wandb, start_step) if wandb is not None else None
         self.stream = stream
         if interactive is None:
             interactive = is_terminal(sys.stdout) and is_terminal(sys.stderr)
@@ -95,6 +150,8 @@ class RunLogger:
             for k, v in clean.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(clean, step=step)
         shown = {short: f"{clean[k]:.3g}" for k, short in CONSOLE_KEYS.items() if k in clean}
         if shown:
             self.bar.set_postfix(shown, refresh=False)
@@ -113,6 +170,9 @@ class RunLogger:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
 
 class NullLogger:

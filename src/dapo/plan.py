@@ -32,7 +32,9 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def model_shape(path: str) -> tuple[ModelArgs | None, str]:
-    """(the model's shape, where it came from); None when neither the checkpoint nor the table knows it."""
+    """(the model's shape, where it came from); None when neither the checkpoint nor the table knows it.
+    ``path``: "tiny", a checkpoint directory, or a Hub id (its config.json when the local Hub cache holds it;
+    never a download)."""
     if path == "tiny":
         from dapo.models.tiny import TinyRecipe
 
@@ -45,6 +47,10 @@ def model_shape(path: str) -> tuple[ModelArgs | None, str]:
         )  # fmt: skip
         return args, "the tiny recipe (vocabulary at most its bound)"
     config = Path(path) / "config.json"
+    if not config.is_file():
+        from dapo.models.load import cached_hub_config, is_hub_id
+
+        config = (cached_hub_config(path) if is_hub_id(path) else None) or config  # a Hub id, if cached
     if config.is_file():
         return ModelArgs.from_hf_config(json.loads(config.read_text())), str(config)
     name = Path(path).name.lower()

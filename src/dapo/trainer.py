@@ -23,7 +23,7 @@ from dapo.collect import AheadCollector, Collected
 from dapo.config import Config
 from dapo.data.prompts import load_examples_for, tokenize_prompts
 from dapo.evaluate import eval_sampling, evaluate, format_eval, load_eval_set
-from dapo.logger import NullLogger, RunLogger, peak_rss_mb
+from dapo.logger import NullLogger, RunLogger, peak_rss_mb, wandb_settings
 from dapo.models import kernels
 from dapo.preempt import Stopped, StopSignal, fault_point, stop_message
 from dapo.run import check_world_size, decide_precision, make_run_dir
@@ -92,6 +92,7 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
             tensorboard=cfg.logging.tensorboard,
             progress=cfg.logging.progress_bar,
             every_steps=cfg.logging.every_steps,
+            wandb=wandb_settings(cfg),
         )
     log.message(
         f"run directory: {run_dir}  (model {backend.model_dir}, {len(train_set)} training prompts"
