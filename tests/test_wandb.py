@@ -85,3 +85,18 @@ def test_missing_wandb_package_is_one_line_saying_how_to_install(
         )
     message = str(e.value)
     assert "logging.wandb" in message and "pip install 'dapo[wandb]'" in message and "\n" not in message
+
+
+def test_a_missing_wandb_package_is_caught_before_the_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from dapo.config import ConfigError
+    from dapo.preflight import check_wandb
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match="logging.wandb: true needs the wandb package"):
+        check_wandb(True)
+    check_wandb(False)

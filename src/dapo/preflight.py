@@ -35,6 +35,7 @@ def check_train(cfg: Config) -> None:
     check_reward_function(cfg.reward.function)
     check_engine(cfg.rollout.engine)
     check_backend(cfg.trainer.backend)
+    check_wandb(cfg.logging.wandb)
     kernels.mode()  # a bad DAPO_KERNELS environment variable: one line now, not in the first forward
     check_output_dir(cfg.trainer.output_dir)
 
@@ -93,6 +94,15 @@ def check_backend(backend: str) -> None:
         raise ConfigError(
             "trainer.backend: 'ray' needs Ray, which is not installed here (make setup installs it; or "
             "pip install -e '.[ray]'); allowed here: 'local'"
+        )
+
+
+def check_wandb(on: bool) -> None:
+    """`logging.wandb=true` needs the wandb package (the `wandb` extra)."""
+    if on and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "logging.wandb: true needs the wandb package, which is not installed here (pip install "
+            "'dapo[wandb]'); allowed here: false"
         )
 
 
