@@ -97,6 +97,6 @@ def test_a_missing_wandb_package_is_caught_before_the_model_loads(monkeypatch: p
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
-    with pytest.raises(ConfigError, match="logging.wandb: true needs the wandb package"):
+    with pytest.raises(ConfigError, match=r"logging\.wandb: true needs the wandb package"):
         check_wandb(True)
     check_wandb(False)
