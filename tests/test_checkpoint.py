@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from dapo.backends.policy import make_actor, restore_policy
 from dapo.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    sharded_checkpoint,
 )
+from dapo.config import Config
+from dapo.errors import UserError
 from dapo.models import load_pretrained
 from tests.test_train import tiny_model
 
@@ -66,3 +71,76 @@ def test_optimizer_state_is_loaded_without_unpickling_objects(tmp_path: Path) ->
     )  # arbitrary objects are refused by weights_only loading
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(path)
+
+
+def as_data_parallel(path: Path) -> Path:
+    """Make `path` look like a checkpoint written by N ranks: DCP's `sharded/` and the schedule alone in
+    `optimizer.pt` (the sharded optimizer state lives in `sharded/`)."""
+    (path / "sharded").mkdir()
+    (path / "sharded" / ".metadata").write_bytes(b"dcp metadata")
+    torch.save({"scheduler": {"last_epoch": 1}}, path / "optimizer.pt")
+    return path
+
+
+def resume_auto_config() -> Config:
+    cfg = Config()
+    cfg.checkpoint.resume = "auto"
+    cfg.model.dtype = "float32"
+    return cfg
+
+
+def test_a_data_parallel_checkpoint_resumed_in_one_process_is_a_user_error(tmp_path: Path) -> None:
+    model = tiny_model()
+    save(tmp_path, 1, model, keep_last=5)
+    dp = as_data_parallel(save(tmp_path, 2, model, keep_last=5))
+    actor = make_actor(resume_auto_config(), tiny_model())
+    with pytest.raises(UserError, match=r"step_000002 .*torchrun.*model\.path=.*step_000002/model"):
+        restore_policy(resume_auto_config(), tmp_path, actor)
+    cfg = resume_auto_config()
+    cfg.checkpoint.resume = str(dp)  # named explicitly: the same error
+    with pytest.raises(UserError, match=r"step_000002 .*torchrun"):
+        restore_policy(cfg, tmp_path, actor)
+
+
+def test_a_single_process_checkpoint_found_by_a_data_parallel_resume_is_a_user_error(tmp_path: Path) -> None:
+    model = tiny_model()
+    as_data_parallel(save(tmp_path, 1, model, keep_last=5))
+    save(tmp_path, 2, model, keep_last=5)
+    # the predicate a data-parallel `restore_policy` hands `latest_checkpoint`: an error, not a skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserError, match=r"step_000002 .*single-process.*model\.path="):
+            latest_checkpoint(tmp_path, lambda d: sharded_checkpoint(d.parent))
+
+
+def test_a_truncated_weights_file_is_skipped_for_the_previous_checkpoint(tmp_path: Path) -> None:
+    model = tiny_model()
+    good = save(tmp_path, 1, model, keep_last=5)
+    bad = save(tmp_path, 2, model, keep_last=5)
+    weights = bad / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_000002"):
+        found = latest_checkpoint(tmp_path, load_pretrained)
+    assert found is not None and found[0].path == good
+
+
+def test_no_loadable_checkpoint_left_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    bad = save(tmp_path, 1, tiny_model())
+    (bad / "optimizer.pt").write_bytes(b"")
+    with (
+        pytest.warns(UserWarning, match=r"skipping checkpoint .*step_000001"),
+        pytest.raises(UserError, match=r"no checkpoint of .* loads"),
+    ):
+        latest_checkpoint(tmp_path, load_pretrained)
+    assert latest_checkpoint(tmp_path / "elsewhere", load_pretrained) is None  # none at all: a fresh start
+
+
+def test_rotation_never_deletes_a_checkpoint_newer_than_the_one_written(tmp_path: Path) -> None:
+    model = tiny_model()
+    save(tmp_path, 5, model, keep_last=1)
+    save(tmp_path, 1, model, keep_last=1)  # resumed from an older checkpoint (step 5 did not load)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001", "step_000005"]
+    save(tmp_path, 2, model, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000005"]
+    save(tmp_path, 5, model, keep_last=1)  # step 5 written again: the older ones go
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000005"]

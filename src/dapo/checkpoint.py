@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from dapo.distributed import World
@@ -40,6 +41,17 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, partial or corrupt; the message names it."""
+
+
+class CheckpointLayoutError(CheckpointError):
+    """A complete checkpoint written in another mode: by a single process and resumed by data-parallel ranks,
+    or the reverse. Never skipped for an older one (that would restart the run); the message says what to
+    do."""
+
+
+# what reading a partial or corrupt checkpoint's files raises (a truncated safetensors file, a torn
+# optimizer.pt, unparsable JSON); anything else is a bug and keeps its traceback
+_READ_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
 
 
 @dataclass
@@ -122,23 +134,47 @@ def save_checkpoint(
             shutil.rmtree(final)
         tmp.replace(final)
         _fsync_dir(root)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, step, keep_last)
     world.barrier()
     return final
 
 
+def prune(run_dir: Path, step: int, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints up to step `step` (the one just written). Newer ones
+    are kept: a run resumed from an older checkpoint (a newer one did not load) must not delete them; the
+    next save of their step replaces them."""
+    steps = [p for p in list_checkpoints(run_dir) if int(p.name.removeprefix("step_")) <= step]
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def sharded_checkpoint(path: Path) -> Path:
-    """The DCP directory of a data-parallel checkpoint; raises CheckpointError when it has none."""
+    """The DCP directory of a data-parallel checkpoint. Raises CheckpointLayoutError when it has none (a
+    single-process checkpoint), CheckpointError when it is partial."""
     sharded = path / "sharded"
     if path.name.startswith(".tmp-"):
         return sharded
+    check_layout(path, sharded=True)
     if not (sharded / ".metadata").is_file():
-        raise CheckpointError(
-            f"checkpoint {path} has no sharded state ({sharded}/.metadata): it was written by a single-"
-            "process run; start a data-parallel run from its weights with model.path=" + str(path / "model")
-        )
+        raise CheckpointError(f"checkpoint {path} is corrupt: {sharded}/.metadata is missing")
     return sharded
+
+
+def check_layout(path: Path, *, sharded: bool) -> None:
+    """Raise CheckpointLayoutError unless `path` was written in the mode that resumes it: by data-parallel
+    ranks (``sharded``: it has `sharded/`) or by a single process (it has none)."""
+    if sharded and not (path / "sharded").is_dir():
+        raise CheckpointLayoutError(
+            f"checkpoint {path} was written by a single-process run and has no sharded state: resume it "
+            "without torchrun, or start a new data-parallel run from its weights with "
+            f"model.path={path / 'model'}"
+        )
+    if not sharded and (path / "sharded").is_dir():
+        raise CheckpointLayoutError(
+            f"checkpoint {path} was written by a data-parallel run (its optimizer state is in sharded/): "
+            "resume it with torchrun and the same or another number of ranks, or start a new run from its "
+            f"weights with model.path={path / 'model'}"
+        )
 
 
 def check_complete(path: Path) -> None:
@@ -158,7 +194,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         state = json.loads((path / "state.json").read_text())
         optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except _READ_ERRORS as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {type(e).__name__}: {e}") from e
     weights = path / "model" / "model.safetensors"
     if not weights.is_file() and not (path / "model" / "model.safetensors.index.json").is_file():
@@ -167,16 +203,29 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 
 def latest_checkpoint(run_dir: Path, load_model: Any) -> tuple[Checkpoint, Any] | None:
-    """The newest checkpoint that loads, with `load_model(model_dir)`'s result; corrupt ones are reported by
-    name and skipped in favour of the previous one. None when there is none."""
-    for path in reversed(list_checkpoints(run_dir)):
+    """The newest checkpoint that loads, with `load_model(model_dir)`'s result; None when the run has none.
+
+    A partial or corrupt one (unreadable or truncated files) is reported by name and skipped in favour of
+    the previous one. A complete one written in another mode (`CheckpointLayoutError`) is raised: skipping
+    it would restart the run. So is finding checkpoints of which none loads: a fresh start in their run
+    directory would overwrite its logs and, by rotation, delete them.
+    """
+    found = list_checkpoints(run_dir)
+    for path in reversed(found):
         try:
             ckpt = load_checkpoint(path)
             model = load_model(ckpt.model_dir)
-        except Exception as e:  # any failure to read means "use the previous one", reported by name
+        except CheckpointLayoutError:
+            raise
+        except (CheckpointError, *_READ_ERRORS) as e:  # unreadable: use the previous one, reported by name
             warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
             continue
         return ckpt, model
+    if found:
+        raise CheckpointError(
+            f"no checkpoint of {run_dir} loads (each is reported above): repair one and resume it by path, "
+            "or start over with checkpoint.resume=none (a new run directory beside this one)"
+        )
     return None
 
 

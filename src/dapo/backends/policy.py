@@ -11,6 +11,7 @@ import torch
 from dapo import distributed
 from dapo.checkpoint import (
     Checkpoint,
+    check_layout,
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
@@ -159,10 +160,16 @@ def restore_policy(
 
     if world.distributed:
         found: Path | None = Path(mode) if mode != "auto" else None
+        error: str | None = None
         if mode == "auto" and world.is_main:
-            newest = latest_checkpoint(run_dir, lambda d: sharded_checkpoint(d.parent))
+            try:
+                newest = latest_checkpoint(run_dir, lambda d: sharded_checkpoint(d.parent))
+            except UserError as e:  # every rank raises it (the others would wait in the broadcast)
+                newest, error = None, str(e)
             found = newest[0].path if newest else None
-        found = world.broadcast(found)
+        found, error = world.broadcast((found, error))
+        if error is not None:
+            raise UserError(error)
         if found is None:
             return None
         ckpt = load_checkpoint(found)
@@ -170,14 +177,19 @@ def restore_policy(
         actor.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
         distributed.sync_weights(actor.model, full_model)  # every rank gathers, with a copy or not
     else:
+
+        def load_single(model_dir: Path) -> dict[str, torch.Tensor]:
+            check_layout(model_dir.parent, sharded=False)  # a data-parallel one holds no optimizer state here
+            return load_weights(model_dir)
+
         if mode == "auto":
-            newest = latest_checkpoint(run_dir, load_weights)
+            newest = latest_checkpoint(run_dir, load_single)
             if newest is None:
                 return None
             ckpt, weights = newest
         else:
             ckpt = load_checkpoint(Path(mode))
-            weights = load_weights(ckpt.model_dir)
+            weights = load_single(ckpt.model_dir)
         actor.model.load_state_dict(weights)
         actor.load_state_dict(ckpt.optimizer)
     restore_rng(ckpt.state, world.rank)
