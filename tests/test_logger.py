@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from dapo.logger import RunLogger
 
@@ -46,3 +49,24 @@ def test_resume_truncates_lines_after_the_checkpoint_and_a_fresh_start_drops_the
     assert (tmp_path / "metrics.jsonl").read_text().count("step") == 3
     RunLogger(tmp_path, total_steps=5, start_step=0, tensorboard=False, progress=False).close()
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_resume_skips_a_torn_last_line_and_rewrites_the_file_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": s, "reward/acc": 0.5}) + "\n" for s in (1, 2, 3))
+    path.write_text(whole + '{"step": 4, "reward/ac')  # a power cut mid-append
+    renamed: list[tuple[str, str]] = []
+    real_replace = os.replace
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        renamed.append((Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl: line 4 is not JSON .*skipped"):
+        RunLogger(tmp_path, total_steps=5, start_step=3, tensorboard=False, progress=False).close()
+    assert path.read_text() == whole
+    assert [dst for _, dst in renamed] == ["metrics.jsonl"]  # written beside it, then renamed over it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -17,6 +17,7 @@ import platform
 import secrets
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -135,12 +136,31 @@ class RunLogger:
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint (they will be logged again); starting at step 0
-        (no checkpoint: a run stopped before its first step ended), drop them all."""
+        (no checkpoint: a run stopped before its first step ended), drop them all. A line that is not a JSON
+        object (torn by a full disk or a power cut mid-append) is dropped with a warning. The file is
+        rewritten beside itself and renamed over the old one, so a crash now leaves one or the other."""
         if not self.path.is_file():
             return
         lines = self.path.read_text().splitlines() if step > 0 else []
-        keep = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for i, ln in enumerate(lines, start=1):
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+            except (ValueError, RecursionError):
+                row = None
+            if not isinstance(row, dict):
+                warnings.warn(f"{self.path}: line {i} is not JSON (a torn write); skipped", stacklevel=3)
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(ln)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w") as f:
+            f.write("".join(ln + "\n" for ln in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
 
     def log(self, step: int, metrics: dict[str, float], *, advance: bool = True) -> None:
         clean = {k: float(v) for k, v in sorted(metrics.items()) if math.isfinite(float(v))}
