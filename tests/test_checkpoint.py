@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -144,3 +147,60 @@ def test_rotation_never_deletes_a_checkpoint_newer_than_the_one_written(tmp_path
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000005"]
     save(tmp_path, 5, model, keep_last=1)  # step 5 written again: the older ones go
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000005"]
+
+
+def test_files_are_flushed_before_the_rename_and_the_previous_checkpoint_deleted_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_model()
+    save(tmp_path, 1, model, keep_last=1)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", str(Path(f"/proc/self/fd/{fd}").readlink())))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("rename", f"{src} -> {dst}"))
+        real_replace(src, dst)
+
+    def rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        events.append(("delete", str(path)))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    root = tmp_path / "checkpoints"
+    save(tmp_path, 2, model, keep_last=1)
+
+    tmp = root / ".tmp-step_000002"
+    rename = events.index(("rename", f"{tmp} -> {root / 'step_000002'}"))
+    flushed = [path for kind, path in events[:rename] if kind == "fsync"]
+    for name in ("model/model.safetensors", "model/config.json", "optimizer.pt", "state.json", "COMPLETE"):
+        assert str(tmp / name) in flushed, name
+    assert flushed.index(str(tmp / "COMPLETE")) > flushed.index(str(tmp / "state.json"))  # marker last
+    assert str(tmp) in flushed  # the directory entries too
+    delete = events.index(("delete", str(root / "step_000001")))
+    assert rename < events.index(("fsync", str(root))) < delete  # the new one durable, then the old one goes
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002"]
+
+
+def test_saving_a_step_again_replaces_it_after_the_new_copy_is_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_model()
+    save(tmp_path, 1, model, keep_last=1)
+    real_rmtree = shutil.rmtree
+    seen: list[bool] = []
+
+    def rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        real_rmtree(path, *args, **kwargs)
+        seen.append(bool(list_checkpoints(tmp_path)))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    save(tmp_path, 1, model, keep_last=1)
+    assert seen and all(seen)  # no deletion leaves the run without a complete checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001"]

@@ -10,9 +10,10 @@ Layout of `<run_dir>/checkpoints/step_000020/`:
 - `sharded/` (data-parallel runs only): the sharded model and optimizer state written by every rank with
   torch.distributed.checkpoint (DCP); `optimizer.pt` then holds the schedule only. DCP reshards on load, so
   a checkpoint resumes on a different number of ranks. `state.json` holds each rank's RNG state;
-- `COMPLETE`: written last. A directory is built as `.tmp-step_…` and renamed into place, so a crash
-  leaves either a complete checkpoint or a temporary directory that is ignored (and removed by the next
-  save).
+- `COMPLETE`: written last, after every other file is flushed to disk (fsync). A directory is built as
+  `.tmp-step_…` and renamed into place, so a crash or a power cut leaves either a complete checkpoint or a
+  temporary directory that is ignored (and removed by the next save). Older checkpoints are deleted
+  (`keep_last`) only once the new one is durable.
 """
 
 from __future__ import annotations
@@ -128,12 +129,19 @@ def save_checkpoint(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         state = {**state, "step": step, "rng": rngs[0], "rng_ranks": rngs, "kernels": kernels.decisions()}
         (tmp / "state.json").write_text(json.dumps(state))
+        _fsync_tree(tmp)  # every file on disk before the marker that says they are
         (tmp / COMPLETE).write_text("ok\n")
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        _fsync(tmp / COMPLETE)
+        _fsync(tmp)
+        # re-saving the same step (e.g. after a resume): the old copy is moved aside, not deleted, until
+        # the new one is in place (the next save removes it if we crash in between)
+        replaced = root / f".tmp-replaced-step_{step:06d}"
+        if final.exists():
+            final.replace(replaced)
         tmp.replace(final)
-        _fsync_dir(root)
+        _fsync(root)
+        # only now, with the new checkpoint durable, the ones it supersedes go
+        shutil.rmtree(replaced, ignore_errors=True)
         prune(run_dir, step, keep_last)
     world.barrier()
     return final
@@ -243,9 +251,21 @@ def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state().tolist()}
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory entry so a rename survives a power cut (best effort: not all filesystems allow
-    it)."""
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and directory under `path` (files first, then the directories that name them)."""
+    found = sorted(path.rglob("*"))
+    for p in found:
+        if p.is_file():
+            _fsync(p)
+    for p in found:
+        if p.is_dir():
+            _fsync(p)
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries so a rename survives a power cut (best effort: not all
+    filesystems allow it on directories)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
