@@ -201,6 +201,22 @@ def test_bad_json_line_strict(tmp_path: Path) -> None:
         load_examples(path, ReaderSettings(strict=True))
 
 
+def test_a_deeply_nested_row_is_a_bad_row(tmp_path: Path) -> None:
+    deep = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"  # parsing it recurses past Python's limit
+    path = _write_jsonl(tmp_path / "deep.jsonl", [_row("q", "1"), deep, _row("r", "2")])
+    skipped = r"deep\.jsonl: skipped 1 of 3 rows; first: row 1 \(0-based, line 2\)"
+    with pytest.warns(DataWarning, match=skipped):
+        data = load_examples(path)
+    assert [e.row for e in data.examples] == [0, 2]
+    assert "bad JSON line: nested too deeply" in dict(data.skipped)[1]
+    with pytest.raises(DataError, match=r"deep\.jsonl: row 1 \(0-based, line 2\): bad JSON line"):
+        load_examples(path, ReaderSettings(strict=True))
+    array = tmp_path / "deep.json"  # a .json file holding one array: the whole file is unreadable
+    array.write_text("[" + deep + "]")
+    with pytest.raises(DataError, match=r"deep\.json: not valid JSON: nested too deeply"):
+        load_examples(array)
+
+
 def _malformed_parquet(tmp_path: Path) -> Path:
     message = pa.struct([("content", pa.string()), ("role", pa.string())])
     table = pa.table(

@@ -320,6 +320,10 @@ def _missing_json_key(source: str, key: str, objects: Sequence[dict[str, Any]]) 
     )
 
 
+# json.loads recurses once per nesting level and raises RecursionError past Python's recursion limit
+_TOO_DEEP = "nested too deeply to parse (arrays or objects beyond Python's recursion limit)"
+
+
 def _read_json(path: Path, keys: dict[str, bool], max_rows: int | None) -> _RawRows:
     """Read a jsonl file (or a .json file holding one array); `keys` maps each key to "is required"."""
     source = str(path)
@@ -338,6 +342,8 @@ def _read_json(path: Path, keys: dict[str, bool], max_rows: int | None) -> _RawR
             array = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{source}: not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise DataError(f"{source}: not valid JSON: {_TOO_DEEP}") from None
         items = list(enumerate(array))[:max_rows]
     else:
         for index, line in enumerate(data.split(b"\n")):
@@ -350,6 +356,9 @@ def _read_json(path: Path, keys: dict[str, bool], max_rows: int | None) -> _RawR
                 items.append((index, json.loads(line.decode("utf-8"))))
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 errors[index] = f"bad JSON line: {exc}"
+                items.append((index, None))
+            except RecursionError:
+                errors[index] = f"bad JSON line: {_TOO_DEEP}"
                 items.append((index, None))
     objects: list[dict[str, Any]] = []
     for index, obj in items:
