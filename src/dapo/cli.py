@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--resume",
         default=None,
-        help="'auto' (newest complete checkpoint of the run directory) or a checkpoint path",
+        help="'auto' (newest complete checkpoint of the run directory) or a checkpoint path. A data-parallel "
+        "checkpoint is trusted input, like code: torch.distributed.checkpoint reads its sharded/.metadata "
+        "with pickle. A single-process checkpoint is never unpickled",
     )
 
     ev = sub.add_parser(

@@ -158,7 +158,9 @@ class RolloutConfig:
 class RewardConfig:
     function: str = "math_dapo"
     """Verifier: "math_dapo" (the reference, bit-compatible), "math_verify" (symbolic), or
-    "package.module:function"."""
+    "package.module:function". The latter imports and runs that module's code, as this user, in every
+    process that scores or checks the config (the CLI's preflight, each scoring process, each rank or Ray
+    worker): name only code you trust, as you would a script you run."""
     num_workers: int = 2
     """Scoring processes (0 = score in the training process; hung verifiers cannot be timed out then)."""
     timeout_s: float = 10.0
