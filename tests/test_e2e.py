@@ -103,10 +103,11 @@ def test_dapo_eval_on_a_checkpoint_and_on_aime(
 
 
 def test_default_recipe_learns_on_a_short_run(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The embedded default, shortened to 50 steps: held-out avg@8 rises clearly (0.361 -> 0.508 measured)."""
+    """The embedded default, shortened to 30 steps: held-out avg@8 rises clearly (0.361 -> 0.468 measured on a
+    Zen 5; 0.416 at step 10, 0.508 at step 50)."""
     run = dapo_train(
         [
-            "trainer.total_steps=50",
+            "trainer.total_steps=30",
             "evaluation.every_steps=0",
             "checkpoint.every_steps=0",
             "logging.progress_bar=false",

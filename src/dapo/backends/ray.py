@@ -66,9 +66,14 @@ class ClusterError(UserError, RuntimeError):
     """A remote call timed out, a trainer rank died, or the cluster lacks the resources the run asks for."""
 
 
+_started_here = False
+"""Whether `connect` started the Ray cluster (a local one: its resources never grow)."""
+
+
 def connect(cfg: Config) -> None:
     """Join the Ray cluster at `trainer.ray_address` (else $RAY_ADDRESS), or start a local one with this
     machine's CPUs; nothing when this process is connected already."""
+    global _started_here
     if ray.is_initialized():
         return
     address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS") or None
@@ -78,6 +83,21 @@ def connect(cfg: Config) -> None:
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         )
     ray.init(address=address, **kwargs)
+    _started_here = address is None
+
+
+def check_fits(need: dict[str, float], have: dict[str, float], local: bool) -> None:
+    """Fail at once when a cluster whose resources never grow (one this process started) has fewer in all
+    than the run asks for: waiting for placement could only time out, `trainer.collective_timeout_s` later.
+    A cluster joined by address may be scaling up, so it is waited for."""
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if local and short:
+        wants = ", ".join(f"{v:g} {k} (it has {h:g})" for k, (v, h) in short.items())
+        raise ClusterError(
+            f"the run needs {wants} on the local Ray cluster this process started; lower "
+            "trainer.world_size / rollout.num_workers / trainer.ray_cpus_per_actor, or start a larger "
+            "cluster (`ray start --head --num-cpus N`) and pass its trainer.ray_address"
+        )
 
 
 def wait(refs: Sequence[ray.ObjectRef[Any]], names: Sequence[str], timeout_s: float, what: str) -> list[Any]:
@@ -157,6 +177,7 @@ class RayBackend:
         ranks, workers = cfg.trainer.world_size or 1, cfg.rollout.num_workers
         self.layout = f", Ray: {ranks} trainer rank(s), {workers} rollout worker(s)"
         lay = ray_layout(cfg, cuda=_uses_cuda(cfg))
+        check_fits(lay.total, ray.cluster_resources(), _started_here)
         self.pgs = [placement_group(lay.trainer_bundles, strategy="PACK")]
         _ready(self.pgs[0], f"{ranks} trainer rank(s)", self.timeout_s)
         # fault injection reaches the ranks (`rank_update`, see TrainerRank.update); the driver's kernel
