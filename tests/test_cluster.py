@@ -303,16 +303,20 @@ def test_one_worker_samples_and_trains_what_one_process_does(
 
 
 def test_the_default_recipe_learns_in_ray_mode(ray_address: str, tmp_path: Path) -> None:
-    """The embedded default in Ray mode (1 trainer rank, 2 rollout workers), shortened to 30 steps:
-    held-out avg@8 rises by at least 5 points (0.367 -> 0.485 measured on a Zen 5; 0.438 at step 10)."""
+    """The embedded default in Ray mode (1 trainer rank, 2 rollout workers), shortened to 30 steps and
+    evaluated with k = 16 (as `test_default_recipe_learns_on_a_short_run`): held-out avg@16 rises by at
+    least 5 points (0.374 -> 0.472 measured on a Zen 5: the one-process run's figures, as the samples do not
+    depend on the layout)."""
     cfg = load_config(
         None,
-        [*RAY, "rollout.num_workers=2", "trainer.total_steps=30", "evaluation.every_steps=0",
-         "checkpoint.every_steps=0", "logging.progress_bar=false", "logging.tensorboard=false",
+        [*RAY, "rollout.num_workers=2", "trainer.total_steps=30", "evaluation.k=16",
+         "evaluation.every_steps=0", "checkpoint.every_steps=0", "logging.progress_bar=false",
+         "logging.tensorboard=false",
          f"trainer.output_dir={tmp_path}", "trainer.run_name=learn"],
     )  # fmt: skip
     result = train(cfg)
-    before, after = result.eval_before["eval/arithmetic/avg@8"], result.eval_after["eval/arithmetic/avg@8"]
+    before, after = result.eval_before["eval/arithmetic/avg@16"], result.eval_after["eval/arithmetic/avg@16"]
+    print(f"avg@16 {before:.3f} -> {after:.3f}")
     assert after - before >= 0.05, (before, after)
 
 

@@ -103,11 +103,13 @@ def test_dapo_eval_on_a_checkpoint_and_on_aime(
 
 
 def test_default_recipe_learns_on_a_short_run(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The embedded default, shortened to 30 steps: held-out avg@8 rises clearly (0.361 -> 0.468 measured on a
-    Zen 5; 0.416 at step 10, 0.508 at step 50)."""
+    """The embedded default, shortened to 30 steps: held-out avg@16 rises clearly (by 5 points at least;
+    0.374 -> 0.472 measured on a Zen 5). k = 16 rather than 8 takes the evaluation's sampling noise on the
+    gain down by a factor of ~1.4 for a few seconds."""
     run = dapo_train(
         [
             "trainer.total_steps=30",
+            "evaluation.k=16",
             "evaluation.every_steps=0",
             "checkpoint.every_steps=0",
             "logging.progress_bar=false",
@@ -118,9 +120,10 @@ def test_default_recipe_learns_on_a_short_run(tiny_model_dir: Path, tmp_path: Pa
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(ln) for ln in (tmp_path / "learn" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["eval/arithmetic/avg@8"] for r in rows if "eval/arithmetic/avg@8" in r]
+    evals = [r["eval/arithmetic/avg@16"] for r in rows if "eval/arithmetic/avg@16" in r]
     assert len(evals) == 2, evals
     before, after = evals
+    print(f"avg@16 {before:.3f} -> {after:.3f}")
     assert after - before >= 0.05, (before, after)
 
 

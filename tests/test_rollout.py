@@ -259,20 +259,113 @@ def test_sample_tokens_distribution() -> None:
     probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
     logits = probs.log().repeat(40_000, 1)  # [N, V]
     gen = torch.Generator().manual_seed(0)
+    uniforms = torch.rand(len(logits), dtype=torch.float64, generator=gen)
     for sp, kept in [
         (SamplingParams(), probs),
         (SamplingParams(top_k=2), probs[:2]),
         (SamplingParams(top_p=0.75), probs[:3]),  # 0.4 + 0.25 < 0.75 ≤ 0.4 + 0.25 + 0.15
         (SamplingParams(top_p=0.75, top_k=2), probs[:2]),
     ]:
-        tok, lp = sample_tokens(logits, sp, gen)
+        tok, lp = sample_tokens(logits, sp, uniforms)
         freq = torch.bincount(tok, minlength=6).float() / len(tok)
         expected = torch.zeros(6)
         expected[: len(kept)] = kept / kept.sum()
         assert (freq - expected).abs().max() < 0.01  # ~4 standard errors at N = 40,000
         assert torch.allclose(lp, probs.log()[tok])  # log-probs before truncation
-    tok, lp = sample_tokens(logits[:3] * 2, SamplingParams(temperature=0), gen)
+    tok, lp = sample_tokens(logits[:3] * 2, SamplingParams(temperature=0), uniforms[:3])
     assert tok.tolist() == [0, 0, 0] and torch.allclose(lp, (logits[:3] * 2).log_softmax(-1)[:, 0])
+
+
+def _splitmix(x: int) -> int:
+    """splitmix64's finaliser on Python integers mod 2**64: the reference for the tensor version."""
+    m = 2**64 - 1
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def test_row_streams_are_splitmix64_of_seed_prompt_sample_and_position() -> None:
+    """The tensor hash (int64, wrapping) equals exact 64-bit arithmetic, and its uniforms look uniform."""
+    m, golden = 2**64 - 1, 0x9E3779B97F4A7C15
+    seed, prompts, samples = 2**40 + 7, [0, 3, 3, 1_000_000], [0, 0, 5, 15]
+    streams = native_module.row_streams(seed, prompts, samples, torch.device("cpu"))
+    for i, (p, s) in enumerate(zip(prompts, samples, strict=True)):
+        key = _splitmix((_splitmix((_splitmix((seed + golden) & m) + p * golden) & m) + s * golden) & m)
+        assert streams[i].item() & m == key
+        for t in (0, 1, 63, 20_479):
+            want = (_splitmix((key + (t + 1) * golden) & m) >> 11) * 2.0**-53
+            assert native_module.stream_uniforms(streams[i : i + 1], t).item() == want
+    u = native_module.stream_uniforms(
+        native_module.row_streams(1, list(range(20_000)), [0] * 20_000, torch.device("cpu")), 0
+    )
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01  # ~5 standard errors
+    assert torch.histc(u.float(), bins=10, min=0, max=1).sub(2_000).abs().max() < 250  # ~5.6 s.e. per bin
+
+
+def test_samples_do_not_depend_on_the_layout(native: CausalLM) -> None:
+    """The same seed samples the same tokens whether the round is one batch, chunks of 5 rows, chunks a KV
+    budget allows, or two shares (two ranks or rollout workers) keyed by where they start in the round."""
+    sp = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=5, stop_token_ids=(3,))
+    whole = NativeEngine(native, pad_token_id=PAD).generate(PROMPTS, sp)
+    assert len({tuple(c.token_ids) for c in whole}) > len(PROMPTS)  # sampled: a group's samples differ
+    a = native.args
+    budget = 2 * (12 + 12) * 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4  # 2 rows, fp32
+    layouts = {
+        "chunks of 5": NativeEngine(native, pad_token_id=PAD, max_batch_size=5).generate(PROMPTS, sp),
+        "KV budget": NativeEngine(native, pad_token_id=PAD, kv_budget_bytes=budget).generate(PROMPTS, sp),
+    }
+    from dapo.distributed import gather_shares, shard_requests
+
+    shares = shard_requests(len(PROMPTS), 2, sp, 5)
+    engine = NativeEngine(native, pad_token_id=PAD)
+    layouts["two shares"] = gather_shares(
+        [(r, engine.generate(PROMPTS[r.start : r.stop], s)) for r, s in shares]
+    )
+    for name, got in layouts.items():
+        assert [c.prompt_index for c in got] == [c.prompt_index for c in whole], name
+        assert [c.token_ids for c in got] == [c.token_ids for c in whole], name
+        for a, b in zip(got, whole, strict=True):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5), name
+    other = NativeEngine(native, pad_token_id=PAD).generate(
+        PROMPTS, SamplingParams(**{**sp.__dict__, "seed": 6})
+    )
+    assert [c.token_ids for c in other] != [c.token_ids for c in whole]
+
+
+def test_a_kv_budget_bounds_the_cache_a_call_holds(native: CausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a budget of three full-length rows, no chunk allocates more KV cache than the budget."""
+    a = native.args
+    per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4
+    budget = 3 * per_token * (12 + 10)
+    sizes: list[int] = []
+    real_init, real_share = native_module.KVCache.__init__, native_module.KVCache.share_prefix
+
+    def size(cache: Any) -> int:
+        prefix = (
+            0
+            if cache.prefix is None
+            else sum(t.numel() * t.element_size() for t in cache.prefix.k + cache.prefix.v)
+        )
+        return prefix + sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        sizes.append(size(self))
+
+    def share(self: Any, *args: Any) -> None:
+        real_share(self, *args)
+        sizes.append(size(self))
+
+    monkeypatch.setattr(native_module.KVCache, "__init__", init)
+    monkeypatch.setattr(native_module.KVCache, "share_prefix", share)
+    engine = NativeEngine(native, pad_token_id=PAD, kv_budget_bytes=budget)
+    sp = SamplingParams(n=4, max_tokens=10, seed=0)
+    assert engine.rows_per_chunk(PROMPTS, sp) == 3
+    got = engine.generate(PROMPTS, sp)
+    assert len(got) == 16 and len(sizes) >= 16 // 3
+    assert max(sizes) <= budget, (max(sizes), budget)
+    with pytest.raises(ValueError, match="kv_budget_bytes"):
+        NativeEngine(native, pad_token_id=PAD, kv_budget_bytes=0)
 
 
 def test_bad_input() -> None:

@@ -132,6 +132,10 @@ class RolloutConfig:
     """L_max: generated tokens per response (paper: 16,384 expected + 4,096 overlong buffer)."""
     max_batch_size: int = 0
     """Most sequences decoded at once (0 = all prompts of a round at once)."""
+    kv_cache_gib: float = 0.0
+    """The native engine's KV-cache budget in GiB (0 = none): a round is decoded in chunks of at most as
+    many sequences as fit it at full length (prompt + max_response_length), so thousands of long responses
+    never hold all their caches at once; samples are the same for any budget. vLLM's is rollout.vllm's."""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """The vLLM engine's settings (used when engine=vllm)."""
     num_workers: int = 1
@@ -150,6 +154,7 @@ class RolloutConfig:
         )
         _check(self.max_response_length >= 1, "rollout.max_response_length", self.max_response_length, ">= 1")
         _check(self.max_batch_size >= 0, "rollout.max_batch_size", self.max_batch_size, ">= 0")
+        _check(self.kv_cache_gib >= 0, "rollout.kv_cache_gib", self.kv_cache_gib, ">= 0 (0 = no budget)")
         _check(self.num_workers >= 1, "rollout.num_workers", self.num_workers, "an integer >= 1")
         self.vllm.validate()
 

@@ -16,10 +16,10 @@ torch.distributed. Under `torchrun` (SPMD, one process per rank), `init_world` j
   sampling), advantages and evaluation run unchanged on every rank, on identical gathered data, and decide
   the same kept set everywhere.
 
-Seeds derive from the round's seed and the prompt index where a rank's share starts (`shard_seed`), never
-from the rank; with one rank the seed is the round's own, so `torchrun --nproc-per-node 1` samples what
-`dapo train` samples. Sampled responses do depend on the world size (a share is one batch of the engine's
-random stream); greedy decoding and the update do not.
+A share keeps the round's seed and says where it starts (`SamplingParams.first_prompt_index`), never which
+rank it is: the native engine keys each row's random numbers on its prompt's index in the round, so the
+samples, like greedy decoding and the update, are the same on any number of ranks (the hf and vLLM engines
+seed one generator per share from where it starts: their samples depend on the world size).
 
 Every collective has the process group's timeout (`trainer.collective_timeout_s`): a rank that dies or
 hangs makes the others fail within that time with an error naming their rank, never a silent hang.
@@ -56,7 +56,6 @@ __all__ = [
     "parallelize",
     "shard_range",
     "shard_requests",
-    "shard_seed",
     "sync_weights",
     "training_state",
     "weight_group",
@@ -382,21 +381,16 @@ def shard_range(n: int, world: World, rank: int | None = None) -> range:
     return range(lo, lo + q + (r < extra))
 
 
-def shard_seed(seed: int, first_prompt: int) -> int:
-    """The sampling seed of a share of a round that starts at prompt ``first_prompt`` (the round's own
-    seed for the share that starts at 0)."""
-    return (seed + 1_000_033 * first_prompt) % (2**31)
-
-
 def shard_requests(
     n: int, parts: int, sampling: SamplingParams, seed: int
 ) -> list[tuple[range, SamplingParams]]:
     """Each of ``parts`` contiguous shares of a round of ``n`` prompts (`shard_range`), with its sampling
-    seed (`shard_seed` of the round's ``seed``): what rank (or rollout worker) i generates. Shares may be
-    empty when there are more parts than prompts."""
+    parameters (the round's ``seed``, and where the share starts in the round): what rank (or rollout
+    worker) i generates. Shares may be empty when there are more parts than prompts."""
     world = World(size=parts)
     shares = [shard_range(n, world, rank=i) for i in range(parts)]
-    return [(r, dataclasses.replace(sampling, seed=shard_seed(seed, r.start))) for r in shares]
+    first = sampling.first_prompt_index
+    return [(r, dataclasses.replace(sampling, seed=seed, first_prompt_index=first + r.start)) for r in shares]
 
 
 def gather_shares(shares: Sequence[tuple[range, list[Completion]]]) -> list[Completion]:

@@ -111,8 +111,7 @@ def evaluate(
     rows: list[RowScores] = []
     for lo in range(0, len(prompts), prompts_per_batch):
         hi = min(lo + prompts_per_batch, len(prompts))
-        seed = None if sampling.seed is None else sampling.seed + lo
-        batch_sampling = dataclasses.replace(sampling, seed=seed)
+        batch_sampling = dataclasses.replace(sampling, first_prompt_index=sampling.first_prompt_index + lo)
         completions = engine.generate(list(prompts[lo:hi]), batch_sampling)
         texts = [decode(c.token_ids) for c in completions]
         truths = [answers[lo + c.prompt_index] for c in completions]

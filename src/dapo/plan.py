@@ -192,12 +192,15 @@ def rank_memory(
 
 def _engine_memory(cfg: Config, a: ModelArgs, prompts: int, compute: int) -> tuple[float, float]:
     """(full weights at the model dtype, KV cache) of an engine that decodes ``prompts`` x G rows per round
-    (at most `rollout.max_batch_size` at once)."""
+    (at most `rollout.max_batch_size` at once, and the native engine at most what `rollout.kv_cache_gib`
+    holds at full length: `NativeEngine.rows_per_chunk`)."""
     rows = prompts * cfg.rollout.n
     if cfg.rollout.max_batch_size:
         rows = min(rows, cfg.rollout.max_batch_size)
     kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * compute
     tokens = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    if cfg.rollout.engine == "native" and cfg.rollout.kv_cache_gib:
+        rows = min(rows, max(1, int(cfg.rollout.kv_cache_gib * 2**30 // (tokens * kv_per_token))))
     return parameter_count(a)[0] * _DTYPE_BYTES[cfg.model.dtype], rows * tokens * kv_per_token
 
 
@@ -296,7 +299,7 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
     largest = sorted(((k, v) for k, v in vars(m).items() if v > 0), key=lambda kv: -kv[1])[:3]
     hints = {
         "activations": "actor.activation_checkpointing, actor.max_tokens_per_micro_batch",
-        "kv_cache": "rollout.max_batch_size bounds the rows decoded at once",
+        "kv_cache": "rollout.kv_cache_gib (native engine) or rollout.max_batch_size bound it",
         "engine_weights": "each rank generates from a full copy of the weights",
         "logits": "actor.logits_chunk_tokens",
         "optimizer": "actor.offload=optimizer+params, or more ranks",

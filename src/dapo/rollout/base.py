@@ -33,7 +33,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """A response ends after producing any of these (the stop token is part of the response)."""
     seed: int | None = None
-    """Seed of the engine's sampling generator; None draws one from torch's global generator."""
+    """Seed of the round's random numbers; None draws one from torch's global generator."""
+    first_prompt_index: int = 0
+    """Index of ``prompts[0]`` in the round this call is part of (a rank's or rollout worker's share, an
+    evaluation batch). The native engine draws each row's random numbers from a stream keyed on (seed,
+    prompt index in the round, sample index, token position) only, so a share samples exactly what the
+    whole round samples for its prompts, in any batch layout; an engine with one generator per call seeds
+    it from `call_seed`."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n, int) and self.n >= 1):
@@ -56,6 +62,19 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", stops)  # accept any sequence, store a hashable tuple
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        if not (isinstance(self.first_prompt_index, int) and self.first_prompt_index >= 0):
+            raise ValueError(
+                f"SamplingParams.first_prompt_index must be an integer >= 0, got {self.first_prompt_index!r}"
+            )
+
+    @property
+    def call_seed(self) -> int | None:
+        """The seed of one generator for the whole call (engines without per-row streams: hf, vllm): the
+        round's seed for a call that starts the round, else one derived from where the call starts (shares
+        of a round must not repeat each other's random numbers)."""
+        if self.seed is None or self.first_prompt_index == 0:
+            return self.seed
+        return (self.seed + 1_000_033 * self.first_prompt_index) % (2**31)
 
 
 @dataclass

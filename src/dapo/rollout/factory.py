@@ -25,6 +25,7 @@ def make_engine(
             pad_token_id=pad_token_id(tokenizer),
             max_batch_size=cfg.max_batch_size or None,
             dtype=torch.bfloat16 if precision == "bf16-mixed" else None,
+            kv_budget_bytes=cfg.kv_cache_gib * 2**30 or None,
         )
     if cfg.engine == "hf":
         from dapo.rollout.hf import HFEngine

@@ -47,7 +47,7 @@ class HFEngine:
         check_prompts(prompts, int(self.model.config.get_text_config().vocab_size))
         chunk = max(1, (self.max_batch_size or len(prompts) * sampling.n) // sampling.n)
         dev = next(self.model.parameters()).device
-        seeds = [sampling.seed] if sampling.seed is not None else []
+        seeds = [sampling.call_seed] if sampling.call_seed is not None else []
         out: list[Completion] = []
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], enabled=bool(seeds)):
             if seeds:

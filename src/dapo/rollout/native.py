@@ -12,11 +12,17 @@ Per chunk of at most ``max_batch_size`` sequences:
 3. when a quarter of the active rows have produced a stop token, drop them from the batch (gather the
    cache rows of the others), so finished sequences stop costing compute.
 
-Sampling is reproducible: one ``torch.Generator`` on the engine's device, seeded from ``SamplingParams.seed``;
-the same seed, prompts, sampling parameters and ``max_batch_size`` give the same samples. On CPU the
-finished-ness check is a cheap host read done every step; on accelerators it is done every 8 steps to avoid
-stalling the device queue (``check_every``; the same seed and a different ``check_every`` may give different
-samples when rows stop, because compaction reorders the rows that draw random numbers).
+Samples do not depend on the layout: the uniform that picks row r's token at position t is a counter-based
+hash of (``SamplingParams.seed``, the row's prompt index in the round, its sample index, t) only
+(`row_streams`, `stream_uniforms`: splitmix64), never of which rows share a batch, a chunk or a rank. The same
+seed gives the same samples for any ``max_batch_size``, KV budget, compaction schedule, or split of the round
+into shares (``SamplingParams.first_prompt_index``), up to the last-bit differences batched kernels may make
+in the logits. On CPU the finished-ness check is a cheap host read done every step; on accelerators it is
+done every 8 steps to avoid stalling the device queue (``check_every``).
+
+Memory: ``kv_budget_bytes`` bounds the KV cache in flight: a call is decoded in chunks of at most as many rows
+as the budget holds at full length (each row counted with its whole prompt, though samples share theirs),
+and at most ``max_batch_size`` rows.
 
 Speed notes (2 CPU cores, tiny models, batch 64: see ``bench/rollout.py``): the decode step is bound by the
 matmuls and SDPA's attention kernel, not by Python. Sampling uses a two-level inverse CDF (one uniform per
@@ -38,7 +44,7 @@ from torch import Tensor
 from dapo.models.transformer import CausalLM, KVCache
 from dapo.rollout.base import Completion, SamplingParams, check_prompts
 
-__all__ = ["NativeEngine", "sample_tokens"]
+__all__ = ["NativeEngine", "row_streams", "sample_tokens", "stream_uniforms"]
 
 _COMPACT_FRACTION = 0.25
 """Compact the batch once this fraction of its rows has finished (a compaction copies the KV cache once)."""
@@ -56,11 +62,14 @@ class NativeEngine:
         max_batch_size: int | None = None,
         check_every: int | None = None,
         dtype: torch.dtype | None = None,
+        kv_budget_bytes: float | None = None,
     ) -> None:
         """``check_every``: decode steps between reads of which rows have finished (a host sync); None = every
         step on CPU, every 8 steps on accelerators. ``dtype``: sample in this dtype (None = the model's);
         another than the model's samples from a copy of its current weights cast to it, refreshed at every
-        `generate` (``actor.precision=bf16-mixed``: float32 master weights, bf16 sampling)."""
+        `generate` (``actor.precision=bf16-mixed``: float32 master weights, bf16 sampling).
+        ``kv_budget_bytes``: the most KV cache a call holds at once (None = no bound; see the module
+        docstring)."""
         if not isinstance(model, CausalLM):
             raise TypeError(f"NativeEngine needs a dapo CausalLM, got {type(model).__name__}; use HFEngine")
         param_device = model.lm_head_weight.device
@@ -71,6 +80,8 @@ class NativeEngine:
             )
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
+        if kv_budget_bytes is not None and not kv_budget_bytes > 0:
+            raise ValueError(f"kv_budget_bytes must be > 0 or None, got {kv_budget_bytes}")
         if check_every is not None and check_every < 1:
             raise ValueError(f"check_every must be >= 1 or None, got {check_every}")
         if not 0 <= pad_token_id < model.args.vocab_size:
@@ -83,7 +94,19 @@ class NativeEngine:
         self.max_batch_size = max_batch_size
         self.check_every = check_every or (1 if param_device.type == "cpu" else 8)
         self.dtype = dtype or model.lm_head_weight.dtype
+        self.kv_budget_bytes = kv_budget_bytes
         self._copy: CausalLM | None = None
+
+    def rows_per_chunk(self, prompts: list[list[int]], sp: SamplingParams) -> int:
+        """Most rows decoded at once: ``max_batch_size``, and what the KV budget holds with every row at its
+        full length (its prompt, counted whole, plus ``max_tokens``)."""
+        rows = self.max_batch_size or len(prompts) * sp.n
+        if self.kv_budget_bytes is not None:
+            a = self.model.args
+            per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * self.dtype.itemsize
+            per_row = per_token * (max(len(p) for p in prompts) + sp.max_tokens)
+            rows = min(rows, max(1, int(self.kv_budget_bytes // per_row)))
+        return rows
 
     def _sampler(self) -> CausalLM:
         """The module to sample with: the policy, or its weights copied into a module in `dtype` (made on
@@ -116,15 +139,21 @@ class NativeEngine:
         """``sampling.n`` completions per prompt, ordered prompt 0 (n of them), prompt 1, …"""
         check_prompts(prompts, self.model.args.vocab_size)
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
-        gen = torch.Generator(self.device).manual_seed(seed)
-        total = len(prompts) * sampling.n
-        chunk = self.max_batch_size or total
+        total, n = len(prompts) * sampling.n, sampling.n
+        chunk = self.rows_per_chunk(prompts, sampling)
         out: list[Completion] = []
         model = self._sampler()
         with torch.inference_mode(), model.packed_weights(min(chunk, total)):
             for start in range(0, total, chunk):
-                owners = [r // sampling.n for r in range(start, min(start + chunk, total))]
-                out.extend(self._generate_chunk(model, prompts, owners, sampling, gen))
+                rows = range(start, min(start + chunk, total))
+                owners = [r // n for r in rows]
+                streams = row_streams(
+                    seed,
+                    [sampling.first_prompt_index + p for p in owners],
+                    [r % n for r in rows],
+                    self.device,
+                )
+                out.extend(self._generate_chunk(model, prompts, owners, sampling, streams))
         return out
 
     def _generate_chunk(
@@ -133,9 +162,10 @@ class NativeEngine:
         prompts: list[list[int]],
         owners: list[int],
         sp: SamplingParams,
-        gen: torch.Generator,
+        streams: Tensor,
     ) -> list[Completion]:
-        """Completions of the sequences whose prompts are ``prompts[owners[i]]`` (repeats consecutive)."""
+        """Completions of the sequences whose prompts are ``prompts[owners[i]]`` (repeats consecutive), row i
+        drawing from random stream ``streams[i]``."""
         dev, steps = self.device, sp.max_tokens
         distinct = sorted(set(owners))
         width = max(len(prompts[p]) for p in distinct)
@@ -162,7 +192,7 @@ class NativeEngine:
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # [b], over active rows
         active: Tensor | None = None  # [b] output column of each active row; None = all, in order
         for step in range(steps):
-            tok, lp = sample_tokens(logits.float(), sp, gen)  # [b], [b]
+            tok, lp = sample_tokens(logits.float(), sp, stream_uniforms(streams, step))  # [b], [b]
             if active is None:
                 tokens[step], logprobs[step] = tok, lp
             else:
@@ -181,6 +211,7 @@ class NativeEngine:
                         cache.select(keep)
                         active = keep if active is None else active.index_select(0, keep)
                         tok, done = tok.index_select(0, keep), done.index_select(0, keep)
+                        streams = streams.index_select(0, keep)
             logits = model(tok[:, None], cache=cache)[:, 0]  # [b, V]
         return self._completions(tokens[: step + 1].T.cpu(), logprobs[: step + 1].T.cpu(), owners, sp)
 
@@ -205,8 +236,9 @@ class NativeEngine:
         ]
 
 
-def sample_tokens(logits: Tensor, sp: SamplingParams, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Sample one token per row of ``logits`` [B, V] (float32); returns (tokens [B], logprobs [B]).
+def sample_tokens(logits: Tensor, sp: SamplingParams, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+    """Sample one token per row of ``logits`` [B, V] (float32), row i by inverse CDF at ``uniforms[i]``
+    ([B] float64 in [0, 1)); returns (tokens [B], logprobs [B]).
 
     Log-probs are ``log_softmax(logits / T)`` at the sampled token, before top-k / top-p truncation (T = 1
     when greedy).
@@ -217,7 +249,7 @@ def sample_tokens(logits: Tensor, sp: SamplingParams, gen: torch.Generator) -> t
     scaled = logits if sp.temperature == 1 else logits / sp.temperature
     logp = scaled.log_softmax(-1)  # [B, V]
     if sp.top_k == -1 and sp.top_p == 1:
-        tok = _inverse_cdf(logp.exp(), gen)
+        tok = _inverse_cdf(logp.exp(), uniforms)
     else:
         sorted_logp, order = logp.sort(-1, descending=True)  # [B, V]
         probs = sorted_logp.exp()
@@ -226,7 +258,7 @@ def sample_tokens(logits: Tensor, sp: SamplingParams, gen: torch.Generator) -> t
             drop[:, sp.top_k :] = True
         if sp.top_p < 1:  # keep the shortest prefix whose mass reaches top_p (its first token always)
             drop |= (probs.cumsum(-1) - probs) >= sp.top_p
-        pick = _inverse_cdf(probs.masked_fill(drop, 0), gen)
+        pick = _inverse_cdf(probs.masked_fill(drop, 0), uniforms)
         tok = order.gather(1, pick[:, None]).squeeze(1)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
@@ -234,10 +266,11 @@ def sample_tokens(logits: Tensor, sp: SamplingParams, gen: torch.Generator) -> t
 _BLOCK = 64
 
 
-def _inverse_cdf(probs: Tensor, gen: torch.Generator) -> Tensor:
-    """Token ``i`` of each row of ``probs`` [B, V] (non-negative, any total) with probability p_i / sum(p).
+def _inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Token ``i`` of each row of ``probs`` [B, V] (non-negative, any total) with probability p_i / sum(p),
+    for ``uniforms`` [B] (float64, uniform in [0, 1)).
 
-    Inverse-CDF sampling with one uniform draw per row, in two levels (blocks of 64 tokens, then tokens
+    Inverse-CDF sampling with one uniform per row, in two levels (blocks of 64 tokens, then tokens
     within the chosen block) so that no full-vocabulary cumsum or per-token random number is needed: on CPU a
     per-token exponential race (what ``torch.multinomial`` does) costs ~10 ms per step at V = 8192, this
     ~0.2 ms. Cumulative sums and the draw are float64, so no token with p_i > 0 is lost to rounding.
@@ -250,7 +283,7 @@ def _inverse_cdf(probs: Tensor, gen: torch.Generator) -> Tensor:
     block_mass = blocks.sum(-1, dtype=torch.float64)  # [B, nb]
     block_cdf = block_mass.cumsum(-1)  # [B, nb]
     total = block_cdf[:, -1:]  # [B, 1]
-    u = torch.rand(B, 1, dtype=torch.float64, generator=gen, device=probs.device) * total
+    u = uniforms[:, None] * total
     # u * total can round up to total; stay strictly below it so the search lands on a block of positive mass
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     b = torch.searchsorted(block_cdf, u, right=True)  # [B, 1], first block whose cdf exceeds u
@@ -260,3 +293,39 @@ def _inverse_cdf(probs: Tensor, gen: torch.Generator) -> Tensor:
     last = inner_cdf[:, -1:]
     rest = torch.minimum(rest.clamp(min=0), torch.nextafter(last, torch.zeros_like(last)))
     return (b * _BLOCK + torch.searchsorted(inner_cdf, rest, right=True)).squeeze(1)  # [B]
+
+
+def _int64(x: int) -> int:
+    """``x`` mod 2**64 as a signed 64-bit value (what an int64 tensor holds)."""
+    return (x + 2**63) % 2**64 - 2**63
+
+
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MUL1 = _int64(0xBF58476D1CE4E5B9)
+_MUL2 = _int64(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 ``x`` (torch shifts signed values arithmetically)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps mod 2**64): a bijection whose
+    outputs for consecutive inputs look independent."""
+    x = (x ^ _shr(x, 30)) * _MUL1
+    x = (x ^ _shr(x, 27)) * _MUL2
+    return x ^ _shr(x, 31)
+
+
+def row_streams(seed: int, prompt_index: list[int], sample_index: list[int], device: torch.device) -> Tensor:
+    """int64 [B]: the random stream of each row, a function of (seed, the row's prompt index in the round,
+    its sample index among the prompt's n) only."""
+    key = _mix(torch.tensor([_int64(seed)], dtype=torch.long, device=device) + _GOLDEN)
+    key = _mix(key + torch.tensor(prompt_index, dtype=torch.long, device=device) * _GOLDEN)
+    return _mix(key + torch.tensor(sample_index, dtype=torch.long, device=device) * _GOLDEN)
+
+
+def stream_uniforms(streams: Tensor, position: int) -> Tensor:
+    """float64 [B] in [0, 1): the uniform of each stream at token ``position`` (53 random bits)."""
+    return _shr(_mix(streams + _int64((position + 1) * _GOLDEN)), 11).double() * 2.0**-53

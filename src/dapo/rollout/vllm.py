@@ -165,7 +165,7 @@ class VLLMEngine:
                     f"prompt {i} ({len(p)} tokens) + max_tokens {sampling.max_tokens} exceeds the vLLM "
                     f"engine's max_model_len {self.max_model_len} (rollout.vllm.max_model_len)"
                 )
-        seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
+        seed = sampling.call_seed if sampling.call_seed is not None else int(torch.randint(2**62, ()).item())
         self._wake()
         self._set_temperature(sampling.temperature)
         params = _vllm_sampling(sampling)
