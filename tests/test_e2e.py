@@ -83,6 +83,10 @@ def test_resume_after_a_kill_mid_step_is_bit_identical(tiny_model_dir: Path, tmp
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(ln)["step"] for ln in lines]
     assert sorted(set(steps)) == [0, 1, 2, 3, 4] and steps.count(3) == 1
+    # each step logs the peak memory of its generation and of its update (CPU: the process's, per phase)
+    trained = [r for r in map(json.loads, lines) if "time/step_s" in r]
+    assert all(r["perf/peak_mem_gib_generate"] > 0.1 for r in trained)
+    assert all(r["perf/peak_mem_gib_update"] > 0.1 for r in trained if "time/update_s" in r)
 
 
 def test_dapo_eval_on_a_checkpoint_and_on_aime(

@@ -18,6 +18,8 @@ import secrets
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -231,6 +233,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{m:02d}m{s:02d}s" if hours else f"{m}m{s:02d}s"
 
 
+_run_peak_mb = 0.0
+"""The process's peak before the last `PhasePeaks` reset of the kernel's high-water mark."""
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (0 where the platform does not report it)."""
     try:
@@ -238,7 +244,51 @@ def peak_rss_mb() -> float:
     except ImportError:  # Windows
         return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    return max(_run_peak_mb, peak / 2**20 if sys.platform == "darwin" else peak / 2**10)
+
+
+class PhasePeaks:
+    """The peak memory of each phase of a step, as ``perf/peak_mem_gib_<phase>``: on CUDA the caching
+    allocator's peak on the device, on CPU the process's peak resident set (Linux: VmHWM, whose high-water
+    mark is reset at each phase's start through /proc/self/clear_refs; `peak_rss_mb` keeps the run's peak
+    across the resets). ``device`` None: nothing is measured (the phases run on other processes)."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device
+        self.cpu_ok = device is not None and device.type == "cpu" and Path("/proc/self/clear_refs").exists()
+
+    @contextmanager
+    def phase(self, name: str, metrics: dict[str, float]) -> Iterator[None]:
+        """Measure the block's peak into ``metrics``."""
+        global _run_peak_mb
+        if self.device is None:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            metrics[f"perf/peak_mem_gib_{name}"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            return
+        if not self.cpu_ok:
+            yield
+            return
+        _run_peak_mb = peak_rss_mb()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:  # not permitted here: no per-phase figure
+            self.cpu_ok = False
+            yield
+            return
+        yield
+        metrics[f"perf/peak_mem_gib_{name}"] = _vm_hwm_kib() / 2**20
+
+
+def _vm_hwm_kib() -> float:
+    """The process's peak resident set since the last reset (VmHWM), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1])
+    return 0.0
 
 
 def environment_info() -> dict[str, Any]:

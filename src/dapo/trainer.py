@@ -115,9 +115,12 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
         fault_point("checkpoint", step)
         backend.save(step, state)
 
+    phase_metrics: dict[str, float] = {}  # peak memory of the step's phases (this process's)
+
     def generate(step: int) -> Collected:
         fault_point("generate", step)
-        return collector.collect(step)
+        with backend.peaks.phase("generate", phase_metrics):
+            return collector.collect(step)
 
     # SIGTERM / SIGINT: the step in flight is finished (or, in one process, abandoned while generating),
     # saved, then we stop. With several ranks every rank takes the decision together (`stop_requested`).
@@ -153,7 +156,10 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
                 )
             else:
                 t0 = time.perf_counter()
-                with collector.ahead(step + 1, last_step=cfg.trainer.total_steps):
+                with (
+                    collector.ahead(step + 1, last_step=cfg.trainer.total_steps),
+                    backend.peaks.phase("update", phase_metrics),
+                ):
                     metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
                     metrics["time/update_s"] = time.perf_counter() - t0
                 metrics.update(backend.sync_weights())  # the new weights to every engine
@@ -161,6 +167,8 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
             metrics["time/step_s"] = time.perf_counter() - t_step
             metrics["perf/tokens_per_s"] = metrics.get("rollout/tokens", 0.0) / metrics["time/step_s"]
             metrics["perf/peak_rss_mb"] = peak_rss_mb()
+            metrics.update(phase_metrics)
+            phase_metrics.clear()
             if (
                 cfg.evaluation.every_steps
                 and step % cfg.evaluation.every_steps == 0

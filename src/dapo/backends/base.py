@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dapo.collect import Scorer
+from dapo.logger import PhasePeaks
 from dapo.rollout.base import RolloutEngine
 from dapo.train import TrainBatch
 
@@ -24,6 +25,8 @@ class Backend(Protocol):
     model_dir: Path
     layout: str
     """How the parts are laid out, for the run's first line (", 2 data-parallel ranks")."""
+    peaks: PhasePeaks
+    """The peak memory of generation and update, where they run in this process."""
 
     @property
     def engine(self) -> RolloutEngine: ...

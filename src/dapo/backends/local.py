@@ -10,6 +10,7 @@ from dapo.backends.base import PolicyUpdater
 from dapo.backends.policy import Policy, sync_engine_weights
 from dapo.collect import Scorer
 from dapo.config import Config
+from dapo.logger import PhasePeaks
 from dapo.rewards.pool import make_reward_pool
 from dapo.rollout import make_engine
 from dapo.rollout.base import RolloutEngine
@@ -29,6 +30,7 @@ class LocalBackend:
         self.pool = make_reward_pool(cfg.reward)
         self.score: Scorer = distributed.ShardedScorer(self.pool.score, world)
         self.actor: PolicyUpdater = self.policy.actor
+        self.peaks = PhasePeaks(next(self.policy.full.parameters()).device)
 
     def sync_weights(self) -> dict[str, float]:
         # in one process the engine shares the policy's parameters; ranks gather the new full weights

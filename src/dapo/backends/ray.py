@@ -51,6 +51,7 @@ from dapo import distributed
 from dapo.cluster import RewardScorer, RolloutWorker, TrainerRank
 from dapo.config import Config
 from dapo.errors import UserError
+from dapo.logger import PhasePeaks
 from dapo.models import kernels, load_tokenizer
 from dapo.models.load import resolve_model_path
 from dapo.plan import ray_layout
@@ -163,6 +164,7 @@ class RayBackend:
         self.workers: list[Any] = []
         self.scorers: list[Any] = []
         self.pgs: list[PlacementGroup] = []
+        self.peaks = PhasePeaks(None)  # generation and update run on the actors
         self.restarts = 0
         self.nodes: dict[str, str] = {}
         """The Ray node id of each trainer rank and rollout worker."""
