@@ -197,7 +197,7 @@ def _engine_memory(cfg: Config, a: ModelArgs, prompts: int, compute: int) -> tup
     rows = prompts * cfg.rollout.n
     if cfg.rollout.max_batch_size:
         rows = min(rows, cfg.rollout.max_batch_size)
-    kv_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * compute
+    kv_per_token = a.kv_bytes_per_token(compute)
     tokens = cfg.data.max_prompt_length + cfg.rollout.max_response_length
     if cfg.rollout.engine == "native" and cfg.rollout.kv_cache_gib:
         rows = min(rows, max(1, int(cfg.rollout.kv_cache_gib * 2**30 // (tokens * kv_per_token))))

@@ -91,6 +91,10 @@ class ModelArgs:
         """HF ``model_type`` of the architecture ("llama", "qwen2", "qwen3")."""
         return SUPPORTED_ARCHITECTURES[self.architecture]
 
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV-cache bytes of one token: keys and values of every layer's key-value heads."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
+
     @classmethod
     def from_hf_config(cls, d: Mapping[str, Any]) -> ModelArgs:
         """Read a HF ``config.json`` dict; unsupported features raise `UnsupportedModelError`."""

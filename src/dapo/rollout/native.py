@@ -103,8 +103,9 @@ class NativeEngine:
         rows = self.max_batch_size or len(prompts) * sp.n
         if self.kv_budget_bytes is not None:
             a = self.model.args
-            per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * self.dtype.itemsize
-            per_row = per_token * (max(len(p) for p in prompts) + sp.max_tokens)
+            per_row = a.kv_bytes_per_token(self.dtype.itemsize) * (
+                max(len(p) for p in prompts) + sp.max_tokens
+            )
             rows = min(rows, max(1, int(self.kv_budget_bytes // per_row)))
         return rows
 
