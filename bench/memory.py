@@ -102,7 +102,7 @@ def one(setting: str, tokens: int, repeats: int) -> dict[str, Any]:
         "tokens": tokens,
         "seconds": statistics.median(seconds),
         "measured_mib": measured / 2**20,
-        "planned_mib": (plan.total - plan.grads) / 2**20,
+        "planned_mib": (plan.update - plan.grads) / 2**20,
     }
 
 

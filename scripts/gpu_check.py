@@ -131,7 +131,7 @@ def update_check(
         plan_cfg.model.dtype = "float32"
         plan_cfg.data.max_prompt_length, plan_cfg.rollout.max_response_length = prompt, response
         plan_cfg.actor = cfg
-        est = rank_memory(plan_cfg, args, 1, cuda=True, generates=False).total
+        est = rank_memory(plan_cfg, args, 1, cuda=True, generates=False).update
         seconds = sorted(times)[len(times) // 2]
         rows.append(
             {

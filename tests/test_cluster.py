@@ -101,11 +101,9 @@ def remember_backends(mp: pytest.MonkeyPatch) -> list[ray_backend.RayBackend]:
     return backends
 
 
-@pytest.fixture(scope="module")
-def reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The reference run (1 trainer rank, 2 rollout workers), every weight sync checked: after each one,
-    every worker's digest equals that of trainer rank 0's full weights, and before it they differ (the
-    update changed the weights: a sync that moved nothing fails the check)."""
+def check_syncs(mp: pytest.MonkeyPatch) -> list[tuple[str, list[str], list[str]]]:
+    """Every weight sync while ``mp`` is active, checked: (trainer rank 0's digest after it, the workers'
+    before it, the workers' after it)."""
     checks: list[tuple[str, list[str], list[str]]] = []
     real = ray_backend.RayBackend.sync_weights
 
@@ -116,8 +114,24 @@ def reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         checks.append((want, before, got))
         return out
 
+    mp.setattr(ray_backend.RayBackend, "sync_weights", checked)
+    return checks
+
+
+def assert_synced(checks: list[tuple[str, list[str], list[str]]], workers: int) -> None:
+    """After each sync every worker's digest equals that of trainer rank 0's full weights, and before it
+    they differ (the update changed the weights: a sync that moved nothing fails the check)."""
+    assert len(checks) >= 3
+    for want, before, got in checks:
+        assert got == [want] * workers
+        assert all(b != want for b in before)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The reference run (1 trainer rank, 2 rollout workers), every weight sync checked."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ray_backend.RayBackend, "sync_weights", checked)
+        checks = check_syncs(mp)
         run_dir = ray_run(tmp_path_factory.mktemp("ref"), "ref", "rollout.num_workers=2")
     yield {"run_dir": run_dir, "checks": checks, "weights": final_weights(run_dir)}
 
@@ -125,10 +139,8 @@ def reference(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def test_one_rank_two_workers_syncs_every_update(reference: dict[str, Any]) -> None:
     rows = metrics(reference["run_dir"])
     updated = [r for r in rows if "actor/updates" in r]
-    assert len(updated) == len(reference["checks"]) >= 3
-    for want, before, got in reference["checks"]:
-        assert got == [want, want]
-        assert all(b != want for b in before)
+    assert len(updated) == len(reference["checks"])
+    assert_synced(reference["checks"], workers=2)
     versions = [r["rollout/weights_version"] for r in updated]
     assert versions == sorted(versions) and len(set(versions)) == len(versions)
     assert all(r["rollout/weight_sync_mb"] > 0 and r["time/weight_sync_s"] > 0 for r in updated)
@@ -174,11 +186,17 @@ def test_resume_after_killing_the_driver_is_bit_identical(
     assert_equal_weights(final_weights(tmp_path / "driver"), reference["weights"])
 
 
-def test_two_trainer_ranks(ray_address: str, tmp_path: Path) -> None:
-    run_dir = ray_run(tmp_path, "two", "trainer.world_size=2", "rollout.num_workers=2")
+def test_two_trainer_ranks(ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sync streams the gathered shards from rank 0 in buckets (1 MiB here: several per sync) and
+    keeps them in rank 0's full copy: every worker holds exactly those weights after each sync."""
+    checks = check_syncs(monkeypatch)
+    run_dir = ray_run(
+        tmp_path, "two", "trainer.world_size=2", "rollout.num_workers=2", "rollout.weight_sync_bucket_mb=1"
+    )
     assert (run_dir / "checkpoints" / "step_000004" / "sharded" / ".metadata").is_file()
     updated = [r for r in metrics(run_dir) if "actor/updates" in r]
-    assert len(updated) >= 3 and all(r["rollout/weight_sync_mb"] > 0 for r in updated)
+    assert len(updated) == len(checks) and all(r["rollout/weight_sync_mb"] > 1 for r in updated)
+    assert_synced(checks, workers=2)
 
 
 def test_a_dying_trainer_rank_stops_the_run_naming_it(ray_address: str, tmp_path: Path) -> None:

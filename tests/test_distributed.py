@@ -1,5 +1,5 @@
 """Data-parallel training on 2 CPU ranks (torchrun, gloo): exactness against one process, an end-to-end run
-whose checkpoint transformers loads, resume after a kill, greedy evaluation, and a dying rank.
+whose checkpoint transformers loads, the hand-off, resume after a kill, greedy evaluation, and a dying rank.
 
 Each test launches `torchrun --nproc-per-node 2` (one torch thread per rank on 2 cores).
 """
@@ -140,7 +140,9 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_two_rank_run_checkpoint_and_resume_after_a_kill(tmp_path: Path) -> None:
     common = [*SHORT, f"trainer.output_dir={tmp_path}"]
-    straight = dapo_torchrun([*common, "trainer.run_name=straight"])
+    # the hand-off (engine's full copy freed for each update, gathered again after it) changes nothing:
+    # the straight run has it, the killed and resumed one not, and their weights are equal
+    straight = dapo_torchrun([*common, "trainer.run_name=straight", "rollout.handoff=true"])
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "2 data-parallel ranks" in straight.stdout
     ckpt = tmp_path / "straight" / "checkpoints" / "step_000004"
@@ -150,6 +152,8 @@ def test_two_rank_run_checkpoint_and_resume_after_a_kill(tmp_path: Path) -> None
     rows = [json.loads(ln) for ln in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "actor/updates" in r] == [1, 2, 3, 4]  # rank 0 logs, once per step
     assert all(r["rollout/weight_sync_mb"] > 0 for r in rows if "actor/updates" in r)
+    updated = [r for r in rows if "actor/updates" in r]
+    assert all(r["rollout/handoff_freed_mb"] == r["rollout/weight_sync_mb"] > 0 for r in updated)  # the model
 
     killed = dapo_torchrun([*common, "trainer.run_name=killed"], env={"DAPO_SIGNAL_AT": "update:3:KILL"})
     assert killed.returncode != 0

@@ -1,5 +1,6 @@
 """The Ray mode's weight broadcast group (`dapo.distributed.weight_group`, `broadcast_weights`) in one
-process: member 0 and two receivers as threads on one TCPStore (gloo, CPU)."""
+process: member 0 and two receivers as threads on one TCPStore (gloo, CPU); the buckets the weights travel
+in (`weight_buckets`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,20 @@ import torch
 from torch import nn
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
-from dapo.distributed import broadcast_weights, weight_group, weight_sync_device, weights_checksum
+from dapo.distributed import (
+    broadcast_weights,
+    weight_buckets,
+    weight_group,
+    weight_sync_device,
+    weights_checksum,
+)
 
 
-def _members(modules: list[nn.Module], generation: int = 0) -> list[Any]:
-    """Run every member's `broadcast_weights` together; each member's (version, bytes) or its error."""
+def _members(
+    modules: list[nn.Module], generation: int = 0, bucket_bytes: int = 512 << 20, source: Any = None
+) -> list[Any]:
+    """Run every member's `broadcast_weights` together (member 0 with ``bucket_bytes`` and ``source``);
+    each member's (version, bytes) or its error."""
     timeout = datetime.timedelta(seconds=5)  # the sender of a refused sync waits this long
     server = TCPStore("127.0.0.1", 0, None, True, timeout, wait_for_workers=False)
     results: list[Any] = [None] * len(modules)
@@ -25,7 +35,12 @@ def _members(modules: list[nn.Module], generation: int = 0) -> list[Any]:
         store = server if rank == 0 else TCPStore("127.0.0.1", server.port, None, False, timeout)
         try:
             group = weight_group(store, rank, len(modules), generation, 5.0, torch.device("cpu"))
-            results[rank] = broadcast_weights(group, modules[rank], version=7 if rank == 0 else 0)
+            if rank == 0:
+                results[rank] = broadcast_weights(
+                    group, modules[rank], version=7, bucket_bytes=bucket_bytes, source=source
+                )
+            else:
+                results[rank] = broadcast_weights(group, modules[rank], version=0)
         except RuntimeError as e:
             results[rank] = e
 
@@ -64,3 +79,34 @@ def test_the_group_is_nccl_only_where_every_member_has_a_gpu_of_its_own() -> Non
         "cpu"
     )  # a shared GPU: gloo via host memory
     assert weight_sync_device(torch.device("cpu"), colocated=False) == torch.device("cpu")
+
+
+def test_buckets_by_hand() -> None:
+    f32 = [torch.zeros(n) for n in (3, 2, 5, 1, 1)]  # 12, 8, 20, 4, 4 bytes
+    assert weight_buckets(f32, 20) == [range(0, 2), range(2, 3), range(3, 5)]
+    assert weight_buckets(f32, 1) == [range(i, i + 1) for i in range(5)]  # each larger than a bucket: alone
+    assert weight_buckets(f32, 1 << 20) == [range(0, 5)]
+    mixed = [torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.bfloat16)]
+    assert weight_buckets(mixed, 1 << 20) == [range(0, 1), range(1, 3)]  # one dtype per flat buffer
+    assert weight_buckets([], 8) == []
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 40, 1 << 20])
+def test_any_bucket_size_delivers_the_same_weights(bucket_bytes: int) -> None:
+    torch.manual_seed(1)
+    modules = [nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)) for _ in range(3)]
+    expected = weights_checksum(modules[0])
+    size = sum(p.numel() * 4 for p in modules[0].parameters())
+    assert _members(modules, bucket_bytes=bucket_bytes) == [(7, size)] * 3
+    assert {weights_checksum(m) for m in modules} == {expected}
+
+
+def test_a_streamed_source_reaches_the_receivers_and_the_senders_copy() -> None:
+    """What trainer rank 0 does after an update: the gathered tensors (here another module's, as a
+    stream), sent a bucket at a time and kept in its own copy."""
+    torch.manual_seed(2)
+    modules = [nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)) for _ in range(3)]
+    new = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    stream = ((name, p.detach()) for name, p in new.named_parameters())
+    _members(modules, bucket_bytes=24, source=stream)
+    assert {weights_checksum(m) for m in modules} == {weights_checksum(new)}

@@ -68,8 +68,9 @@ class TrainerRank:
                 device=self.cfg.model.device, timeout_s=self.cfg.trainer.collective_timeout_s
             )
             _threads(self.cfg.trainer.ray_cpus_per_actor)
-        # only rank 0 keeps the full weights: it writes the checkpoint's model/ and broadcasts them
-        self.policy = Policy(self.cfg, world, self.run_dir, keep_full=self.rank == 0)
+        # only rank 0 keeps the full weights, in host memory: it writes the checkpoint's model/ and sends
+        # them to a restarted worker; the sync itself streams the gathered shards
+        self.policy = Policy(self.cfg, world, self.run_dir, keep_full=self.rank == 0, full_on_host=True)
         return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def update(self, batch: TrainBatch) -> tuple[dict[str, float], torch.Tensor | None]:
@@ -97,16 +98,21 @@ class TrainerRank:
         )
 
     def publish(self, version: int, gather: bool) -> dict[str, float]:
-        """The updated weights into rank 0's full copy (``gather``: every rank takes part), then rank 0
-        broadcasts them as ``version``; `rollout/weight_sync_mb` per receiver."""
+        """Rank 0 broadcasts the weights as ``version``, in buckets (`rollout.weight_sync_bucket_mb`). With
+        ``gather`` (after an update) every rank gathers the updated shards one tensor at a time and rank 0
+        sends each bucket as soon as it is complete, keeping them in its full copy as well; without, rank 0
+        sends its full copy. `rollout/weight_sync_mb` per receiver."""
         t0 = time.perf_counter()
-        if gather:
-            self.policy.gather_weights()
+        sharded = self.policy.train_model is not self.policy.full_model  # one rank: the same module
+        gathered = distributed.gathered_weights(self.policy.train_model) if gather and sharded else None
         if self.rank != 0 or self.group is None:
+            for _ in gathered or ():  # the other ranks' part of each all-gather
+                pass
             return {}
         self.version, sent = distributed.broadcast_weights(
-            self.group, self.policy.full, version, self.sync_device
-        )
+            self.group, self.policy.full, version, self.sync_device,
+            bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb << 20, source=gathered,
+        )  # fmt: skip
         return {"rollout/weight_sync_mb": sent / 2**20, "time/weight_broadcast_s": time.perf_counter() - t0}
 
     def save(self, step: int, state: dict[str, Any]) -> None:
@@ -131,7 +137,10 @@ class RolloutWorker:
     def __init__(self, cfg: Config, index: int) -> None:
         _threads(cfg.trainer.ray_cpus_per_actor)
         self.cfg, self.index = cfg, index
-        self.model, tokenizer, _ = load_policy(cfg.model)
+        # vLLM keeps weights of its own on the device: this copy (a peer's source after a restart, the
+        # checksum) stays in host memory
+        host = torch.device("cpu") if cfg.rollout.engine == "vllm" else None
+        self.model, tokenizer, _ = load_policy(cfg.model, device=host)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.engine = make_engine(cfg.rollout, self.model, tokenizer, precision=cfg.actor.precision)

@@ -144,6 +144,17 @@ class RolloutConfig:
     colocate: bool = False
     """trainer.backend=ray: place rollout worker i on trainer rank i % world_size's resources (GPU) instead
     of resources of its own (disaggregated)."""
+    handoff: bool = False
+    """Colocated hand-off: the engine gives the device back while the policy updates. The native engine's
+    full-weight copy (torchrun ranks) is freed at the start of each update and gathered again after it
+    (its KV cache lives only during a generation call); vLLM sleeps (rollout.vllm.sleep_mode, CUDA).
+    Pair with actor.offload=optimizer, which keeps the AdamW states in host memory while the engine
+    generates. Samples and updates are unchanged."""
+    weight_sync_bucket_mb: int = 512
+    """The weight sync moves the full weights in buckets of about this many MiB: the updated shards are
+    gathered, a bucket at a time, and each bucket is broadcast to the rollout workers (trainer.backend=ray)
+    as soon as it is complete, so no device ever holds a second copy of the model; a larger tensor goes
+    alone. Fewer, larger buckets mean fewer collective calls."""
 
     def validate(self) -> None:
         _check(self.n >= 1, "rollout.n", self.n, "an integer >= 1")
@@ -156,6 +167,12 @@ class RolloutConfig:
         _check(self.max_batch_size >= 0, "rollout.max_batch_size", self.max_batch_size, ">= 0")
         _check(self.kv_cache_gib >= 0, "rollout.kv_cache_gib", self.kv_cache_gib, ">= 0 (0 = no budget)")
         _check(self.num_workers >= 1, "rollout.num_workers", self.num_workers, "an integer >= 1")
+        _check(
+            self.weight_sync_bucket_mb >= 1,
+            "rollout.weight_sync_bucket_mb",
+            self.weight_sync_bucket_mb,
+            "an integer >= 1 (MiB)",
+        )
         self.vllm.validate()
 
 
@@ -506,6 +523,8 @@ class Config:
             )
         if self.trainer.async_rollout_steps:
             key, value = "trainer.async_rollout_steps", self.trainer.async_rollout_steps
+            _check(not self.rollout.handoff, key, value, "0 with rollout.handoff=true (the engine that "
+                   "generates during the update cannot give the device back to it)")  # fmt: skip
             _check(self.trainer.backend == "ray", key, value, "0 unless trainer.backend=ray (generation and "
                    "update overlap on separate actors)")  # fmt: skip
             _check(self.algorithm.rollout_is_cap is not None, key, value, "0 unless algorithm.rollout_is_cap "

@@ -32,7 +32,7 @@ import datetime
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -245,13 +245,15 @@ def load_sharded(
     *,
     activation_checkpointing: bool = False,
     full_copy: bool = True,
+    full_copy_device: torch.device | None = None,
     offload_params: bool = False,
 ) -> tuple[nn.Module, nn.Module | None]:
     """`parallelize` of a checkpoint directory without ever holding the whole model as training weights:
     the model is built on the meta device, sharded, and each rank reads only its rows of each tensor from
     the safetensors files (memory-mapped, one tensor at a time) into its shard. With ``full_copy`` the
     plain full copy an engine needs is loaded at the checkpoint's dtype (``dtype``, as `load_pretrained`),
-    else None (a rank that never generates nor broadcasts). The weights equal `parallelize`'s of
+    on ``full_copy_device`` (default the rank's device; the host for a copy no engine computes with), else
+    None (a rank that never generates nor broadcasts). The weights equal `parallelize`'s of
     `load_pretrained`'s model."""
     import json
     import math
@@ -268,7 +270,7 @@ def load_sharded(
     model.to(torch.float32 if world.device.type == "cuda" else load_dtype)  # master weights on CUDA
     full = None
     if full_copy:
-        full = load_pretrained(path, dtype=load_dtype, device=world.device)
+        full = load_pretrained(path, dtype=load_dtype, device=full_copy_device or world.device)
         for p in full.parameters():
             p.requires_grad_(False)
     if activation_checkpointing:
@@ -333,16 +335,15 @@ def _plain_copy(model: nn.Module) -> Any:
 
 @torch.no_grad()
 def sync_weights(sharded: nn.Module, plain: nn.Module | None) -> dict[str, float]:
-    """Copy the full weights of ``sharded`` into ``plain``, one parameter at a time (each `full_tensor()`
-    is an all-gather, in the same order on every rank; a rank without a copy, ``plain`` None, takes part and
-    drops what it gathered). `time/weight_sync_s` and `rollout/weight_sync_mb` (bytes gathered per rank);
+    """Copy the full weights of ``sharded`` into ``plain``, one parameter at a time (`gathered_weights`: a
+    rank without a copy, ``plain`` None, takes part and drops what it gathered; a copy in host memory takes
+    each as it comes). `time/weight_sync_s` and `rollout/weight_sync_mb` (bytes gathered per rank);
     nothing when both are the same module."""
     if sharded is plain:
         return {}
     t0, moved = time.perf_counter(), 0
     target = dict(plain.named_parameters()) if plain is not None else {}
-    for name, p in sharded.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+    for name, full in gathered_weights(sharded):
         if plain is not None:
             target[name].copy_(full)
         moved += full.numel() * full.element_size()
@@ -484,28 +485,75 @@ def weight_sync_device(weights: torch.device, colocated: bool) -> torch.device:
     return weights if weights.type == "cuda" and not colocated else torch.device("cpu")
 
 
+def weight_buckets(params: Sequence[Tensor], bucket_bytes: int) -> list[range]:
+    """Consecutive runs of ``params`` (indices) of one dtype and at most ``bucket_bytes`` together; a
+    tensor larger than a bucket is one alone. Sender and receivers cut the same list of tensors the same
+    way."""
+    buckets: list[range] = []
+    start, size = 0, 0
+    for i, p in enumerate(params):
+        nbytes = p.numel() * p.element_size()
+        if i > start and (size + nbytes > bucket_bytes or p.dtype != params[start].dtype):
+            buckets.append(range(start, i))
+            start, size = i, 0
+        size += nbytes
+    if params:
+        buckets.append(range(start, len(params)))
+    return buckets
+
+
+@torch.no_grad()
+def gathered_weights(sharded: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, the whole tensor) of each parameter of ``sharded``, one at a time in `named_parameters` order
+    (each `full_tensor()` an all-gather: every rank iterates to the end together)."""
+    for name, p in sharded.named_parameters():
+        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+
 @torch.no_grad()
 def broadcast_weights(
-    group: Any, module: nn.Module, version: int, device: torch.device | None = None
+    group: Any,
+    module: nn.Module,
+    version: int,
+    device: torch.device | None = None,
+    *,
+    bucket_bytes: int = 512 << 20,
+    source: Iterable[tuple[str, Tensor]] | None = None,
 ) -> tuple[int, int]:
     """Member 0 sends every parameter of ``module`` (in `named_parameters` order) and the others receive
-    them in place; a header first (version, parameter count), so a receiver with another model fails
-    instead of loading garbage. ``device``: the group's (default CPU); parameters elsewhere are staged
-    through it. Returns (version, bytes per receiver)."""
+    them in place; a header first (version, parameter count, bucket size), so a receiver with another model
+    fails instead of loading garbage. The tensors travel in buckets of about ``bucket_bytes``
+    (`weight_buckets`), each flattened into one buffer on ``device`` (the group's, default CPU) for one
+    broadcast: the extra memory on the device is one bucket. ``source`` (member 0): the values to send, in
+    parameter order, instead of ``module``'s own (the shards gathered as they are sent,
+    `gathered_weights`); they are also copied into ``module``. Returns (version, bytes per receiver)."""
     device = device or torch.device("cpu")
-    params = list(module.named_parameters())
-    header = torch.tensor([version, len(params)], dtype=torch.int64, device=device)
+    names, params = zip(*module.named_parameters(), strict=True)
+    header = torch.tensor([version, len(params), bucket_bytes], dtype=torch.int64, device=device)
     group.broadcast(header, 0).wait()
     if int(header[1]) != len(params):
         raise RuntimeError(
             f"weight sync: the sender has {int(header[1])} parameters, this model {len(params)}"
         )
+    values = iter(source) if source is not None else None
     sent = 0
-    for _, p in params:
-        buf = p.detach() if p.device == device and p.is_contiguous() else p.detach().to(device).contiguous()
+    for bucket in weight_buckets(params, int(header[2])):
+        members = [params[i] for i in bucket]
+        buf = torch.empty(sum(p.numel() for p in members), dtype=members[0].dtype, device=device)
+        views = buf.split([p.numel() for p in members])
+        if group.rank() == 0:
+            for i, view, p in zip(bucket, views, members, strict=True):
+                value = p
+                if values is not None:
+                    name, value = next(values)
+                    if name != names[i]:
+                        raise RuntimeError(f"weight sync: source sends {name} where {names[i]} is due")
+                    p.copy_(value)
+                view.copy_(value.reshape(-1))
         group.broadcast(buf, 0).wait()
-        if buf.data_ptr() != p.data_ptr():
-            p.copy_(buf)
+        if group.rank() != 0:
+            for view, p in zip(views, members, strict=True):
+                p.copy_(view.view_as(p))
         sent += buf.numel() * buf.element_size()
     return int(header[0]), sent
 

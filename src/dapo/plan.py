@@ -77,9 +77,19 @@ def parameter_count(a: ModelArgs) -> tuple[int, int]:
 
 @dataclass
 class RankMemory:
-    """Estimated bytes per rank, by what holds them. Everything but ``load`` is held at once at the peak
-    of an update (plus generation's engine and KV cache, when the rank generates); ``load`` is the peak
-    while the policy is loaded, before training (not at the same time as the rest)."""
+    """Estimated bytes per rank (on its device unless named host), by what holds them, and what is
+    resident in each phase of a step:
+
+    - generation: the training state left on the device between updates (the parameter shard, and the
+      AdamW states unless `actor.offload` moves them to the host), the engine's weights, its KV cache and
+      its workspace;
+    - update: the training state, the update's gathered layers, activations and logits, and the engine's
+      memory unless the hand-off (`rollout.handoff`) released it (the native engine's KV cache lives only
+      during generation);
+    - weight sync: the training state, the engine's weights being refilled, and one gathered tensor (plus
+      one bucket on Ray's trainer rank 0);
+    - loading, before training.
+    """
 
     params: float
     grads: float
@@ -88,18 +98,55 @@ class RankMemory:
     weight_casts: float
     activations: float
     logits: float
-    engine_weights: float
-    kv_cache: float
+    engine_weights: float = 0.0
+    kv_cache: float = 0.0
+    engine_workspace: float = 0.0
+    sync_buffer: float = 0.0
     load: float = 0.0
+    host: float = 0.0
+    """Host memory: the full copy kept off the device, offloaded states, a sleeping vLLM's weights."""
+    optimizer_in_generation: float = 0.0
+    params_in_generation: float = 0.0
+    engine_in_update: float = 0.0
+    """What the engine keeps on the device during the update (0 after the hand-off)."""
+    kv_in_update: float = 0.0
+    kv_in_sync: float = 0.0
+    """vLLM's KV pool, there while it loads new weights (awake)."""
+    asleep_in_gather: bool = False
+    """vLLM sleeps while the shards are gathered, then wakes to load them."""
+    generates: bool = False
+    in_flight: int = 0
+    """Sequences the engine decodes at once at full length."""
 
     @property
-    def total(self) -> float:
-        """The update's peak (with the engine's memory, when this rank generates)."""
-        return float(sum(v for k, v in vars(self).items() if k != "load"))
+    def update(self) -> float:
+        own = self.params + self.grads + self.optimizer + self.gathered_layers + self.weight_casts
+        return own + self.activations + self.logits + self.engine_in_update + self.kv_in_update
+
+    @property
+    def generate(self) -> float:
+        if not self.generates:
+            return 0.0
+        state = self.params_in_generation + self.optimizer_in_generation
+        return state + self.engine_weights + self.kv_cache + self.engine_workspace
+
+    @property
+    def sync(self) -> float:
+        state = self.params_in_generation + self.optimizer_in_generation
+        engine = self.engine_weights + self.kv_in_sync
+        if self.asleep_in_gather:
+            return state + max(engine, self.sync_buffer)
+        return state + engine + self.sync_buffer
+
+    @property
+    def phases(self) -> dict[str, float]:
+        out = {"generation": self.generate, "update": self.update, "weight sync": self.sync}
+        out["loading"] = self.load
+        return {k: v for k, v in out.items() if v > 0}
 
     @property
     def peak(self) -> float:
-        return max(self.total, self.load)
+        return max(self.phases.values())
 
 
 def micro_batch_tokens(cfg: Config) -> int:
@@ -112,6 +159,12 @@ def micro_batch_tokens(cfg: Config) -> int:
     return tokens
 
 
+def _compute_bytes(cfg: Config, cuda: bool) -> int:
+    if cfg.actor.precision == "bf16-mixed":
+        return 2
+    return 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
+
+
 def rank_memory(
     cfg: Config,
     a: ModelArgs,
@@ -121,33 +174,34 @@ def rank_memory(
     generates: bool = True,
     full_copy: bool | None = None,
 ) -> RankMemory:
-    """Per-rank estimate at the config's sizes; the coefficients were fitted to
+    """Per-rank estimate at the config's sizes; the update's coefficients were fitted to
     `torch.cuda.max_memory_allocated` of a Qwen2.5-1.5B-shaped update at 16k tokens on an H200
     (docs/memory.md).
 
     Training state is sharded W ways: float32 parameters, gradients and AdamW's two moments (4 + 4 + 8
-    bytes per parameter / W; on CUDA the float32 shard is the master copy of bfloat16 compute). While a
-    layer computes, its full parameters are gathered (two layers at the compute dtype: one computing, one
-    prefetched); in one process under bf16-mixed, autocast's bf16 copies of all the weights instead (2
-    bytes per parameter, kept for the micro-batches of a mini-batch). Activations saved for the backward,
-    for the largest micro-batch's tokens (`micro_batch_tokens`): without checkpointing about (6·hidden +
-    4·MLP width) values per token per layer at the compute dtype, plus under bf16-mixed the float32 inputs
-    of the two norms and RoPE's float32 q and k; with `actor.activation_checkpointing` each layer's input
-    (hidden values per token per layer) plus one layer recomputed in full. Logits: two float32 copies and
-    one at the compute dtype for the response tokens; with `actor.logits_chunk_tokens` eight float32 and
-    two compute-dtype ``[chunk x vocabulary]`` temporaries (the forward's and the backward's softmax
-    maths). The engine holds a full copy of the weights at the model dtype and a KV cache of 2 · layers ·
-    KV heads · head dim values per token for every row it decodes at once. A rank that does not generate
-    (Ray: the rollout workers do, see `worker_memory`) holds no KV cache, and the full copy only with
-    ``full_copy`` (Ray's trainer rank 0, which writes checkpoints and broadcasts the weights). Loading (ranks
-    > 1, the native model): the rank's float32 shard, its full copy if it keeps one, and the rows of one
-    tensor (`distributed.load_sharded`); transformers' model: the whole checkpoint, a copy and a float32
-    cast.
+    bytes per parameter / W; on CUDA the float32 shard is the master copy of bfloat16 compute); gradients
+    exist only during the update (freed after each). While a layer computes, its full parameters are
+    gathered (two layers at the compute dtype: one computing, one prefetched); in one process under
+    bf16-mixed, autocast's bf16 copies of all the weights instead (2 bytes per parameter, kept for the
+    micro-batches of a mini-batch). Activations saved for the backward, for the largest micro-batch's
+    tokens (`micro_batch_tokens`): without checkpointing about (6·hidden + 4·MLP width) values per token
+    per layer at the compute dtype, plus under bf16-mixed the float32 inputs of the two norms and RoPE's
+    float32 q and k; with `actor.activation_checkpointing` each layer's input (hidden values per token per
+    layer) plus one layer recomputed in full. Logits: two float32 copies and one at the compute dtype for
+    the response tokens; with `actor.logits_chunk_tokens` eight float32 and two compute-dtype ``[chunk x
+    vocabulary]`` temporaries (the forward's and the backward's softmax maths).
+
+    Generation (`engine_memory`): a rank that generates holds the engine's weights (the native engine's
+    full copy under a launcher; vLLM's own copy, the rank's full copy then in host memory) and its KV
+    cache. A rank that does not generate (Ray: the rollout workers do, see `worker_memory`) holds no engine,
+    and the full copy only with ``full_copy`` (Ray's trainer rank 0, in host memory). The weight sync
+    gathers one tensor at a time (float32 on CUDA: the largest is the embedding). Loading (ranks > 1, the
+    native model): the rank's float32 shard and the rows of one tensor (`distributed.load_sharded`), its
+    full copy if the engine computes with it; transformers' model: the whole checkpoint, a copy and a
+    float32 cast.
     """
     total, layer = parameter_count(a)
-    compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
-    if cfg.actor.precision == "bf16-mixed":
-        compute = 2
+    compute = _compute_bytes(cfg, cuda)
     w = max(world_size, 1)
     tokens = micro_batch_tokens(cfg)
     rows = max(1, tokens // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))
@@ -166,52 +220,98 @@ def rank_memory(
     else:
         logits = (2 * 4 + compute) * response_tokens * a.vocab_size
     host_state = cfg.actor.offload == "optimizer+params" and cuda
-    engine_weights, kv_cache = _engine_memory(cfg, a, round_prompts(cfg, w), compute)
+    optimizer_off = cfg.actor.offload != "none" and cuda
     dtype_bytes = _DTYPE_BYTES[cfg.model.dtype]
-    keeps_copy = (generates if full_copy is None else full_copy) and w > 1
-    if w == 1:
-        load: float = total * dtype_bytes
-    elif cfg.model.implementation == "native":  # `distributed.load_sharded`: shards, the copy, one tensor
-        one_tensor = a.vocab_size * a.hidden_size * (dtype_bytes + 4) / w
-        load = (0.0 if host_state else 4 * total / w) + (engine_weights if keeps_copy else 0.0) + one_tensor
-    else:  # transformers' model: the whole checkpoint, a copy for the engine, a float32 cast
-        load = total * (2 * dtype_bytes + 4)
-    return RankMemory(
+    sharded = w > 1
+    m = RankMemory(
         params=0.0 if host_state else 4 * total / w,
         grads=0.0 if host_state else 4 * total / w,
         optimizer=0.0 if host_state else 8 * total / w,
-        gathered_layers=2 * layer * compute if w > 1 else 0.0,
-        weight_casts=2 * total if w == 1 and cfg.actor.precision == "bf16-mixed" else 0.0,
+        gathered_layers=2 * layer * compute if sharded else 0.0,
+        weight_casts=2 * total if not sharded and cfg.actor.precision == "bf16-mixed" else 0.0,
         activations=activations,
         logits=logits,
-        engine_weights=engine_weights if keeps_copy else 0.0,
-        kv_cache=kv_cache if generates else 0.0,
-        load=load,
     )
+    m.params_in_generation = m.params
+    m.optimizer_in_generation = 0.0 if optimizer_off else m.optimizer
+    m.host = 16 * total / w if host_state else 8 * total / w if optimizer_off else 0.0
+    largest_tensor = a.vocab_size * a.hidden_size * (4 if sharded else 0)
+    if generates:
+        e = engine_memory(cfg, a, round_prompts(cfg, w), cuda=cuda)
+        m.generates, m.in_flight, m.kv_cache, m.engine_workspace = True, e.in_flight, e.kv_cache, e.workspace
+        vllm = cfg.rollout.engine == "vllm"
+        if vllm:  # its own copy on the device; the rank's full copy in host memory
+            m.engine_weights = e.weights
+            m.host += e.weights * (2 if cfg.rollout.vllm.sleep_mode else 1)  # level 1 keeps them on the host
+        elif sharded:  # the native engine computes with the rank's full copy
+            m.engine_weights = e.weights
+        awake = not (cfg.rollout.handoff or (vllm and cfg.rollout.vllm.sleep_mode))
+        m.engine_in_update = m.engine_weights if awake else 0.0
+        m.kv_in_update = m.kv_cache if vllm and awake else 0.0  # vLLM's pool; the native cache is per call
+        m.kv_in_sync = m.kv_cache if vllm else 0.0
+        m.asleep_in_gather = vllm and not awake  # the shards are gathered into the host copy first
+        m.sync_buffer = largest_tensor
+    else:
+        keeps_copy = bool(full_copy) and sharded
+        m.host += total * dtype_bytes if keeps_copy else 0.0
+        bucket = cfg.rollout.weight_sync_bucket_mb * 2**20 if keeps_copy and cuda else 0.0
+        m.sync_buffer = largest_tensor + bucket
+    if w == 1:
+        m.load = total * dtype_bytes
+    elif cfg.model.implementation == "native":  # `distributed.load_sharded`: shards, the copy, one tensor
+        one_tensor = a.vocab_size * a.hidden_size * (dtype_bytes + 4) / w
+        copy_on_device = m.engine_weights if generates and cfg.rollout.engine != "vllm" else 0.0
+        m.load = m.params + copy_on_device + one_tensor
+    else:  # transformers' model: the whole checkpoint, a copy for the engine, a float32 cast
+        m.load = total * (2 * dtype_bytes + 4)
+    return m
 
 
-def _engine_memory(cfg: Config, a: ModelArgs, prompts: int, compute: int) -> tuple[float, float]:
-    """(full weights at the model dtype, KV cache) of an engine that decodes ``prompts`` x G rows per round
-    (at most `rollout.max_batch_size` at once, and the native engine at most what `rollout.kv_cache_gib`
-    holds at full length: `NativeEngine.rows_per_chunk`)."""
+@dataclass(frozen=True)
+class EngineMemory:
+    """One engine's bytes on its device(s) in total: weights, KV cache, workspace; sequences at once."""
+
+    weights: float
+    kv_cache: float
+    workspace: float
+    in_flight: int
+
+
+def engine_memory(cfg: Config, a: ModelArgs, prompts: int, *, cuda: bool, tp: int = 1) -> EngineMemory:
+    """An engine that decodes ``prompts`` x G rows per round, per device of its ``tp``. Weights: the full
+    model at the model dtype. The native engine keeps at most `rollout.max_batch_size` rows at once and at
+    most what `rollout.kv_cache_gib` holds at full length (`NativeEngine.rows_per_chunk`); its workspace is
+    one layer's prefill activations for the distinct prompts and a few float32 ``[rows x vocabulary]``
+    sampling temporaries. vLLM's KV cache is `rollout.vllm.kv_cache_gib` per GPU, a pool allocated at start
+    (sequences at once: what it holds at full length); its workspace one scheduler step of 8,192 tokens and
+    the logits of 256 sequences."""
+    compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
+    weights = parameter_count(a)[0] * _DTYPE_BYTES[cfg.model.dtype] / tp
+    kv_per_token = a.kv_bytes_per_token(compute)
+    prompt, tokens = cfg.data.max_prompt_length, cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    per_token = (4 * a.hidden_size + 2 * a.intermediate_size) * compute
+    if cfg.rollout.engine == "vllm":
+        pool = cfg.rollout.vllm.kv_cache_gib * 2**30
+        in_flight = max(int(pool * tp // (tokens * kv_per_token)), 0)
+        workspace = 8192 * per_token / tp + 256 * a.vocab_size * 4
+        return EngineMemory(weights, pool, workspace, in_flight)
     rows = prompts * cfg.rollout.n
     if cfg.rollout.max_batch_size:
         rows = min(rows, cfg.rollout.max_batch_size)
-    kv_per_token = a.kv_bytes_per_token(compute)
-    tokens = cfg.data.max_prompt_length + cfg.rollout.max_response_length
-    if cfg.rollout.engine == "native" and cfg.rollout.kv_cache_gib:
+    if cfg.rollout.kv_cache_gib:
         rows = min(rows, max(1, int(cfg.rollout.kv_cache_gib * 2**30 // (tokens * kv_per_token))))
-    return parameter_count(a)[0] * _DTYPE_BYTES[cfg.model.dtype], rows * tokens * kv_per_token
+    distinct = min(prompts, rows)
+    workspace = distinct * prompt * per_token + 3 * rows * a.vocab_size * 4
+    return EngineMemory(weights, rows * tokens * kv_per_token, workspace, rows)
 
 
-def worker_memory(cfg: Config, a: ModelArgs, *, cuda: bool) -> tuple[float, float]:
-    """(weights, KV cache) bytes per GPU of one Ray rollout worker: its full copy and the KV cache of its
-    share of the largest round, split over `rollout.vllm.tensor_parallel_size` GPUs with vLLM."""
-    compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
+def worker_memory(cfg: Config, a: ModelArgs, *, cuda: bool) -> EngineMemory:
+    """Bytes per GPU of one Ray rollout worker's engine (its share of the largest round, over
+    `rollout.vllm.tensor_parallel_size` GPUs with vLLM); its full copy, in host memory with vLLM, is not
+    counted here."""
     share = math.ceil(round_prompts(cfg, 1) / cfg.rollout.num_workers)
     tp = cfg.rollout.vllm.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
-    weights, kv = _engine_memory(cfg, a, share, compute)
-    return weights / tp, kv / tp
+    return engine_memory(cfg, a, share, cuda=cuda, tp=tp)
 
 
 def round_prompts(cfg: Config, world_size: int) -> int:
@@ -230,16 +330,21 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
     mini = cfg.actor.mini_batch_size
     share = math.ceil(mini / w)
     if generates:
+        copy = (
+            "vLLM's own weights, the full copy in host memory"
+            if cfg.rollout.engine == "vllm"
+            else ("a full copy for generation")
+        )
         lines = [
             f"per rank ({w} data-parallel rank{'s' if w > 1 else ''}"
-            + (", FSDP2 shards of the policy + a full copy for generation):" if w > 1 else "):"),
+            + (f", FSDP2 shards of the policy + {copy}):" if w > 1 else "):"),
             f"  prompts generated per round       <= {round_prompts(cfg, w)} "
             f"(x G = {round_prompts(cfg, w) * cfg.rollout.n} responses)",
         ]
     else:
         lines = [
             f"per trainer rank ({w} rank{'s' if w > 1 else ''} of one torch.distributed world"
-            + (", FSDP2 shards of the policy" if w > 1 else "")
+            + (", FSDP2 shards of the policy; rank 0 keeps the full weights in host memory" if w > 1 else "")
             + "; the rollout workers generate):"
         ]
     budget = cfg.actor.max_tokens_per_micro_batch
@@ -254,14 +359,24 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
         lines.append(f"  memory estimate                   not available: model shape {source}")
         return "\n".join(lines)
     total, _ = parameter_count(args)
-    m = rank_memory(cfg, args, w, cuda=cuda, generates=generates)
+    m = rank_memory(cfg, args, w, cuda=cuda, generates=generates, full_copy=not generates)
     gib = 2.0**30
     a = cfg.actor
-    on_host = " (host: actor.offload)" if cuda and a.offload == "optimizer+params" else ""
+    full_length = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+    lines += [
+        f"  model                             {total / 1e9:.3g}B parameters (shape from {source})",
+        f"  micro-batch                       <= {micro_batch_tokens(cfg)} tokens",
+    ]
+    if generates:
+        label = f"engine ({cfg.rollout.engine})"
+        lines.append(f"  {label:<34}<= {m.in_flight} sequences of {full_length} tokens at once")
+    on_host = ", on host" if cuda and a.offload == "optimizer+params" else ""
+    between = " (host between)" if cuda and a.offload == "optimizer" else ""
+    handed = cfg.rollout.handoff or (cfg.rollout.engine == "vllm" and cfg.rollout.vllm.sleep_mode)
     items = [
-        ("params", f"parameters (fp32 shard){on_host}"),
-        ("grads", f"gradients (fp32 shard){on_host}"),
-        ("optimizer", f"AdamW moments (fp32 shard){on_host}"),
+        ("params", f"parameters (fp32 shard{on_host})"),
+        ("grads", f"gradients (fp32 shard{on_host})"),
+        ("optimizer", f"AdamW moments{between}" if between else f"AdamW moments (fp32 shard{on_host})"),
         ("gathered_layers", "gathered layers (2)"),
         ("weight_casts", "bf16 weight copies (autocast)"),
         ("activations", "activations" + (" (checkpointed)" if a.activation_checkpointing else "")),
@@ -269,45 +384,52 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
             "logits",
             f"logits ({f'chunks of {a.logits_chunk_tokens}' if a.logits_chunk_tokens else 'fp32, whole'})",
         ),
+        ("engine_weights", "engine's weights" + (" (not in update)" if handed else "")),
+        ("kv_cache", "KV cache" + (" (not in update)" if handed or cfg.rollout.engine != "vllm" else "")),
+        ("engine_workspace", "engine workspace"),
+        ("sync_buffer", "weight sync: a tensor" + (" + bucket" if not generates and cuda else "")),
     ]
-    if generates:
-        items += [("engine_weights", "engine's full weights"), ("kv_cache", "KV cache (largest round)")]
-    lines += [
-        f"  model                             {total / 1e9:.3g}B parameters (shape from {source})",
-        f"  micro-batch                       <= {micro_batch_tokens(cfg)} tokens",
-        f"  memory estimate ({'CUDA' if cuda else 'CPU'}, {cfg.model.dtype} model, GiB)",
-        *(
-            f"    {label:<32}{getattr(m, key) / gib:10.2f}"
-            for key, label in items
-            if key != "weight_casts" or m.weight_casts
-        ),
-        f"    {'total (update)':<32}{m.total / gib:10.2f}",
-        f"    {'loading (before training)':<32}{m.load / gib:10.2f}",
-    ]
+    lines.append(f"  memory estimate ({'CUDA' if cuda else 'CPU'}, {cfg.model.dtype} model, GiB per rank)")
+    lines += [f"    {label:<32}{getattr(m, key) / gib:10.2f}" for key, label in items if getattr(m, key)]
+    phase_label = {"generation": "total (generation)", "update": "total (update)"}
+    phase_label |= {"weight sync": "total (weight sync)", "loading": "loading (before training)"}
+    lines += [f"    {phase_label[k]:<32}{v / gib:10.2f}" for k, v in m.phases.items()]
+    if m.host:
+        lines.append(f"    {'host memory (not on the device)':<32}{m.host / gib:10.2f}")
     limit = cfg.trainer.gpu_memory_gib
+    phase = max(m.phases, key=lambda k: m.phases[k])
+    if generates and m.in_flight == 0:
+        lines.append(
+            f"  the engine's KV cache ({m.kv_cache / gib:.2f} GiB) holds no sequence of {full_length} "
+            "tokens: raise rollout.vllm.kv_cache_gib"
+        )
     if cuda:
-        verdict = "FITS" if m.peak <= limit * gib else "DOES NOT FIT"
-        who = "ranks 1+: " if not generates and w > 1 else ""
-        lines.append(f"  {who}{verdict} in trainer.gpu_memory_gib={limit:g}: peak {m.peak / gib:.1f} GiB")
-    if not generates and w > 1:  # Ray: trainer rank 0 also keeps the full weights
-        m0 = rank_memory(cfg, args, w, cuda=cuda, generates=False, full_copy=True)
-        copy = f"+{m0.engine_weights / gib:.2f} GiB, peak {m0.peak / gib:.1f} GiB"
-        lines.append(f"  rank 0 also keeps the full weights (checkpoints, the broadcast): {copy}")
-        if cuda:
-            verdict = "FITS" if m0.peak <= limit * gib else "DOES NOT FIT"
-            lines.append(f"  rank 0: {verdict} in trainer.gpu_memory_gib={limit:g}")
-    largest = sorted(((k, v) for k, v in vars(m).items() if v > 0), key=lambda kv: -kv[1])[:3]
+        fits = m.peak <= limit * gib and (m.in_flight > 0 or not generates)
+        verdict = "FITS" if fits else "DOES NOT FIT"
+        who = "trainer ranks: " if not generates else ""
+        lines.append(
+            f"  {who}{verdict} in trainer.gpu_memory_gib={limit:g}: peak {m.peak / gib:.1f} GiB ({phase})"
+        )
+    in_phase = {
+        "generation": ("params", "optimizer", "engine_weights", "kv_cache", "engine_workspace"),
+        "weight sync": ("params", "optimizer", "engine_weights", "sync_buffer"),
+        "loading": ("load",),
+    }.get(phase, tuple(k for k, _ in items[:7]) + (() if handed else ("engine_weights",)))
+    values = {k: getattr(m, k) for k in in_phase}
+    if phase in ("generation", "weight sync"):
+        values["optimizer"] = m.optimizer_in_generation
+    largest = sorted(((k, v) for k, v in values.items() if v > 0), key=lambda kv: -kv[1])[:3]
     hints = {
         "activations": "actor.activation_checkpointing, actor.max_tokens_per_micro_batch",
-        "kv_cache": "rollout.kv_cache_gib (native engine) or rollout.max_batch_size bound it",
-        "engine_weights": "each rank generates from a full copy of the weights",
+        "kv_cache": "rollout.kv_cache_gib (native) or rollout.vllm.kv_cache_gib bound it",
+        "engine_weights": "rollout.handoff frees it during the update",
         "logits": "actor.logits_chunk_tokens",
-        "optimizer": "actor.offload=optimizer+params, or more ranks",
-        "load": "the full copy (model.implementation=hf: the whole model, copied and cast) per rank",
+        "optimizer": "actor.offload, or more ranks",
+        "load": "model.implementation=hf loads the whole model, copied and cast, per rank",
     }
     for name, value in largest:
         hint = f": {hints[name]}" if name in hints else ""
-        lines.append(f"  largest: {name.replace('_', ' ')} {value / gib:.1f} GiB{hint}")
+        lines.append(f"  largest ({phase}): {name.replace('_', ' ')} {value / gib:.1f} GiB{hint}")
     return "\n".join(lines)
 
 
@@ -390,20 +512,39 @@ def format_ray_plan(cfg: Config, *, cuda: bool = True) -> str:
     args, _ = model_shape(cfg.model.path)
     if args is not None:
         gib = 2.0**30
-        weights, kv = worker_memory(cfg, args, cuda=cuda)
+        e = worker_memory(cfg, args, cuda=cuda)
         tp = lay.worker_gpus if cuda and not cfg.rollout.colocate else 1
+        full_length = cfg.data.max_prompt_length + cfg.rollout.max_response_length
+        per_gpu = e.weights + e.kv_cache + e.workspace
         where = f", {tp:g} GPUs per worker" if tp > 1 else ""
-        shared = "; add a trainer rank's total, the two share a GPU" if cfg.rollout.colocate and cuda else ""
         lines.append(
-            f"  worker memory ({'per GPU' if cuda else 'CPU'}, GiB)     weights {weights / gib:.2f} + KV "
-            f"cache {kv / gib:.2f} (largest round) = {(weights + kv) / gib:.2f}{where}{shared}"
+            f"  worker memory ({'per GPU' if cuda else 'CPU'}, GiB)     weights {e.weights / gib:.2f} + KV "
+            f"cache {e.kv_cache / gib:.2f} + workspace {e.workspace / gib:.2f} = {per_gpu / gib:.2f}{where}; "
+            f"<= {e.in_flight} sequences of {full_length} tokens at once"
         )
         total_params, _ = parameter_count(args)
         size = total_params * _DTYPE_BYTES[cfg.model.dtype] / gib
+        if cuda:
+            limit = cfg.trainer.gpu_memory_gib
+            if cfg.rollout.colocate:  # the worker and a trainer rank share the GPU
+                rank = rank_memory(cfg, args, lay.ranks, cuda=True, generates=False, full_copy=True)
+                need, what = per_gpu + rank.peak, "rollout worker + trainer rank, one shared GPU"
+            else:
+                need, what = per_gpu, "rollout workers"
+            verdict = "FITS" if need <= limit * gib and e.in_flight > 0 else "DOES NOT FIT"
+            lines.append(
+                f"  {what}: {verdict} in trainer.gpu_memory_gib={limit:g}: peak {need / gib:.1f} GiB"
+            )
+        host = (
+            f"; each worker keeps a copy in host memory ({size:.2f} GiB)"
+            if cfg.rollout.engine == "vllm"
+            else ""
+        )
         # `distributed.weight_sync_device`: NCCL where every member has a GPU of its own, gloo otherwise
         group = "NCCL" if cuda and not cfg.rollout.colocate else "gloo"
         lines.append(
             f"  weight sync per update            {size:.2f} GiB ({cfg.model.dtype}) from trainer rank 0 to "
-            f"each worker ({group} broadcast group)"
+            f"each worker ({group} broadcast group), streamed from the shards in buckets of "
+            f"{cfg.rollout.weight_sync_bucket_mb} MiB{host}"
         )
     return "\n".join(lines)

@@ -33,12 +33,23 @@ class Policy:
     `LocalBackend`, and by each Ray trainer rank (`dapo.cluster.TrainerRank`).
 
     ``keep_full``: whether this rank keeps the full-weight copy (every rank that generates; of the Ray trainer
-    ranks only rank 0, which writes the checkpoint's `model/` and broadcasts the weights). Under a launcher
-    the native model is loaded sharded (`distributed.load_sharded`): no rank ever holds the whole model as
-    training weights."""
+    ranks only rank 0, which writes the checkpoint's `model/` and broadcasts the weights). ``full_on_host``:
+    keep that copy in host memory, off the device (a rank whose engine holds weights of its own, vLLM, or
+    that does not generate): it is read for checkpoints and to feed the engine, never computed with.
+    Under a launcher the native model is loaded sharded (`distributed.load_sharded`): no rank ever holds
+    the whole model as training weights.
+
+    The hand-off (`rollout.handoff`): `release_full` frees the copy's storage for the update and
+    `gather_weights` allocates it again and gathers the new weights into it."""
 
     def __init__(
-        self, cfg: Config, world: distributed.World, run_dir: Path, *, keep_full: bool = True
+        self,
+        cfg: Config,
+        world: distributed.World,
+        run_dir: Path,
+        *,
+        keep_full: bool = True,
+        full_on_host: bool = False,
     ) -> None:
         self.cfg, self.world, self.run_dir = cfg, world, run_dir
         checkpointing = cfg.actor.activation_checkpointing
@@ -58,6 +69,8 @@ class Policy:
                 world,
                 activation_checkpointing=checkpointing,
                 full_copy=keep_full,
+                full_copy_device=torch.device("cpu") if full_on_host else None,
+                offload_params=offload,
             )
         else:
             model, self.tokenizer, self.model_dir = load_policy(
@@ -67,6 +80,7 @@ class Policy:
             self.train_model, self.full_model = distributed.parallelize(
                 model, world, activation_checkpointing=checkpointing, offload_params=offload
             )
+        self._released: list[tuple[torch.Size, torch.dtype]] = []
         torch.manual_seed(
             cfg.trainer.seed
         )  # after the policy: however it was loaded (or built), the same state
@@ -80,8 +94,26 @@ class Policy:
         return self.full_model
 
     def gather_weights(self) -> dict[str, float]:
-        """The updated shards into the full-weight copy (ranks); nothing in one process."""
+        """The updated shards into the full-weight copy (ranks; its storage first, if `release_full` freed
+        it); nothing in one process."""
+        if self._released:
+            with torch.no_grad():
+                for p, (shape, dtype) in zip(self.full.parameters(), self._released, strict=True):
+                    p.data = torch.empty(shape, dtype=dtype, device=p.device)
+            self._released = []
         return distributed.sync_weights(self.train_model, self.full_model)
+
+    def release_full(self) -> int:
+        """Free the full-weight copy's storage (ranks with one; the parameter objects stay, so an engine
+        that holds the module sees the weights `gather_weights` brings back); the bytes freed. Nothing in
+        one process, where the copy is the trained module itself."""
+        if self.full_model is None or self.full_model is self.train_model or self._released:
+            return 0
+        params = list(self.full_model.parameters())
+        self._released = [(p.shape, p.dtype) for p in params]
+        for p in params:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        return sum(s.numel() * d.itemsize for s, d in self._released)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         save_checkpoint_of(

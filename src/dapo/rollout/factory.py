@@ -42,5 +42,6 @@ def make_engine(
             tensor_parallel_size=v.tensor_parallel_size,
             max_model_len=v.max_model_len,
             sleep_mode=v.sleep_mode,
+            handoff=cfg.handoff,
         )
     raise ValueError(f"rollout.engine {cfg.engine!r}: allowed 'native', 'hf', 'vllm'")

@@ -121,6 +121,11 @@ class NativeEngine:
                 torch._foreach_copy_(list(self._copy.parameters()), list(self.model.parameters()))
         return self._copy
 
+    def release(self) -> None:
+        """Free the sampling copy (a ``dtype`` other than the model's); the next `generate` makes it again.
+        The KV cache needs no release: it lives only inside `generate`."""
+        self._copy = None
+
     def load_weights(self, state_dict: Mapping[str, Tensor]) -> None:
         """Copy ``state_dict`` (names as in ``model.state_dict()``) into the parameters, in place."""
         own = self.model.state_dict()

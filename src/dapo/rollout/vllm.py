@@ -36,7 +36,10 @@ How `SamplingParams` map onto vLLM's:
   with data-parallel ranks.
 - **Sleep mode** (CUDA only, ``sleep_mode=True``). After each `generate` the engine sleeps (level 1: KV cache
   freed, weights offloaded to host memory) so that a colocated policy update has the memory; the next
-  `generate` or `load_weights` wakes it. vLLM's CPU build has no sleep mode.
+  `generate` or `load_weights` wakes it. With ``handoff=True`` instead, the engine sleeps only when
+  `release` is called, at the start of a policy update, at level 2 (weights and KV cache discarded, nothing
+  kept in host memory): the `load_weights` that follows every update wakes it and fills in the new weights.
+  vLLM's CPU build has no sleep mode: there both are no-ops.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         max_model_len: int = 0,
         sleep_mode: bool = False,
+        handoff: bool = False,
         seed: int = 0,
     ) -> None:
         """``model``: the policy (a dapo `CausalLM`, or a transformers model in an `HFCausalLM`), whose
@@ -126,8 +130,11 @@ class VLLMEngine:
         self.vocab_size = int(config["vocab_size"])
         self.max_model_len = max_model_len or int(config["max_position_embeddings"])
         self._tied_head = bool(config.get("tie_word_embeddings", False))
-        self._cuda = device.type == "cuda"
+        # vLLM computes on the GPU when there is one, wherever the model it starts from lives (a trainer may
+        # keep that copy in host memory)
+        self._cuda = device.type == "cuda" or torch.cuda.is_available()
         self.sleep_mode = sleep_mode and self._cuda
+        self.handoff = handoff and self._cuda
         self._asleep = False
         self._config_dir = tempfile.TemporaryDirectory(prefix="dapo-vllm-")  # lives as long as the engine
         (Path(self._config_dir.name) / "config.json").write_text(json.dumps(config, indent=2))
@@ -139,7 +146,7 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=self.max_model_len,
-            sleep_mode=self.sleep_mode,
+            sleep_mode=self.sleep_mode or self.handoff,
         )
         self._temperature = 0.0  # the logits carry the model's own scale
         self.weights_version = 0
@@ -190,6 +197,13 @@ class VLLMEngine:
                     )
                 )
         return completions
+
+    def release(self) -> None:
+        """The hand-off (``handoff=True``, CUDA): sleep at level 2, giving the device back, until the next
+        `load_weights` (which must come before the next `generate`: the weights are discarded)."""
+        if self.handoff and not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep = True
 
     def _set_temperature(self, temperature: float) -> None:
         if temperature != self._temperature:
