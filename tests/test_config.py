@@ -280,9 +280,8 @@ def test_the_32b_ray_preset_fits_trainer_ranks_and_rollout_workers(
     assert planned(ranks, "host memory (not on the device)") > 60  # rank 0's full copy
     assert "rollout workers: FITS in trainer.gpu_memory_gib=80" in out
     assert "<= 29 sequences of 22528 tokens at once" in out and "DOES NOT FIT" not in out
-    tight = dry_run(
-        capsys, "--config", str(REPO / "configs" / "dapo_qwen2.5_32b_ray.yaml"), "rollout.vllm.kv_cache_gib=70"
-    )
+    ray_preset = str(REPO / "configs" / "dapo_qwen2.5_32b_ray.yaml")
+    tight = dry_run(capsys, "--config", ray_preset, "rollout.vllm.kv_cache_gib=70")
     assert "rollout workers: DOES NOT FIT in trainer.gpu_memory_gib=80" in tight
 
 
