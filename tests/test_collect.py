@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import pytest
@@ -229,3 +230,41 @@ def test_ahead_collector_collects_the_next_step_during_the_body_and_checkpoints_
     with ahead.ahead(3, last_step=2):  # past the last step: nothing ahead
         pass
     assert [s for s, _ in inner.calls] == [1, 2]
+
+
+class PollingCollector(StepCollector):
+    """A collection that never ends by itself: it asks `dapo.preempt.poll` every millisecond, as the engines
+    do, and raises its own error when given up (which must not mask the body's)."""
+
+    def collect(self, step: int) -> Collected:
+        from dapo import preempt
+
+        self.position += 1  # the collection has moved the collector on
+        try:
+            for _ in range(60_000):
+                preempt.poll()
+                time.sleep(0.001)
+        except preempt.Abandoned:
+            raise
+        raise AssertionError("the collection was never abandoned")
+
+
+def test_an_update_error_abandons_the_ahead_collection_and_comes_first() -> None:
+    inner = PollingCollector()
+    ahead = AheadCollector(inner, 1)  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="the update failed"), ahead.ahead(2, last_step=3):
+        raise ValueError("the update failed")
+    assert time.monotonic() - t0 < 5  # not the collection's minute
+    assert inner.position == 0 and ahead.pending is None  # the collector as before the collection
+
+
+def test_a_stop_abandons_the_ahead_collection_and_the_checkpoint_resumes_before_it() -> None:
+    inner = PollingCollector()
+    ahead = AheadCollector(inner, 1)  # type: ignore[arg-type]
+    stop_at = time.monotonic() + 0.2
+    t0 = time.monotonic()
+    with ahead.ahead(2, last_step=3, stop=lambda: time.monotonic() > stop_at):
+        pass  # the update finishes; the stop came during it
+    assert time.monotonic() - t0 < 5
+    assert ahead.pending is None and ahead.state_dict() == {"position": 0}

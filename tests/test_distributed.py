@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -200,3 +201,62 @@ def test_a_dying_rank_stops_the_run_and_is_named(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 300
     assert "rank      : 1" in run.stderr or "rank: 1" in run.stderr, run.stderr[-3000:]
     assert [p.name for p in (tmp_path / "tiny" / "checkpoints").glob("step_*")] == ["step_000002"]
+
+
+# long responses (temperature 3: ~110 tokens of 300) and up to 6 rounds a step: a step generates for
+# seconds, longer than the shutdown timeout torchrun is given below
+SLOW_STEPS = [
+    *SHORT, "trainer.total_steps=2", "rollout.max_response_length=300", "rollout.temperature=3",
+    "algorithm.max_rounds=6", "evaluation.before_training=false", "checkpoint.every_steps=2",
+    "logging.progress_bar=true", "logging.every_steps=1",
+]  # fmt: skip
+
+
+def test_sigterm_to_torchrun_mid_generation_checkpoints_in_time(tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its ranks and kills them `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` (here 3 s)
+    later, while a step generates for longer: the ranks agree to abandon the generation, write step 1's
+    checkpoint in time and exit 143; the resumed run equals an uninterrupted one (its step 2 generates
+    ~100-token garbage at temperature 3 and skips its update: what must match is where the sampler and
+    the rounds continue)."""
+    common = [*SLOW_STEPS, f"trainer.output_dir={tmp_path}"]
+    straight = dapo_torchrun([*common, "trainer.run_name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dapo", "train",
+         *common, "trainer.run_name=stopped"],
+        env={**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}, cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:  # step 1 is done: step 2 is generating
+        if line.startswith("step 1/2"):
+            break
+    else:
+        raise AssertionError(f"no progress line: {proc.communicate()[1][-3000:]}")
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert time.monotonic() - t0 < 3, err[-3000:]  # within torchrun's shutdown timeout
+    # each rank says so and exits 143; torchrun itself exits 1 on a signal (its SignalException)
+    assert err.count("dapo: stopped by SIGTERM: step 2 abandoned; checkpoint of step 1") == 2, err[-3000:]
+    assert proc.returncode == 1, (proc.returncode, err[-3000:])
+    run_dir = tmp_path / "stopped"
+    assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_000001"]
+    resumed = dapo_torchrun([*common, "trainer.run_name=stopped", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = last_weights(tmp_path / "straight"), last_weights(run_dir)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert step_lines(tmp_path / "straight") == step_lines(run_dir)
+
+
+def last_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return load_file(str(newest / "model" / "model.safetensors"))
+
+
+def step_lines(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Each step's metrics, timings and memory left out."""
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}
+            for r in rows if "time/step_s" in r}  # fmt: skip

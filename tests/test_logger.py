@@ -98,3 +98,18 @@ print(json.dumps({**metrics, "run_gib": peak_rss_mb() / 1024}))
     assert metrics["perf/peak_mem_gib_big"] - metrics["perf/peak_mem_gib_small"] > 0.2, metrics
     assert metrics["run_gib"] >= metrics["perf/peak_mem_gib_big"] - 1e-3
     assert "perf/peak_mem_gib_none" not in metrics
+
+
+def test_a_resume_with_a_pending_evaluation_drops_that_steps_evaluation_lines(tmp_path: Path) -> None:
+    """A stop skipped step 4's evaluation; a resumed run that evaluated it and was killed left its line: the
+    next resume from step 4 evaluates again, so that line goes (and step 4's training line stays)."""
+    rows = [
+        {"step": 2, "time/eval_s": 1.0}, {"step": 4, "loss": 0.5}, {"step": 4, "time/eval_s": 1.0},
+        {"step": 5, "loss": 0.4},
+    ]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    RunLogger(
+        tmp_path, total_steps=6, start_step=4, tensorboard=False, progress=False, eval_pending=True
+    ).close()
+    kept = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == rows[:2]

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from dapo.checkpoint import list_checkpoints, load_checkpoint
-from dapo.preempt import Stopped, StopSignal
+from dapo.preempt import Abandoned, Stopped, StopSignal, poll, polled, stop_due
 from tests.test_e2e import SHORT as E2E_SHORT
 from tests.test_e2e import dapo_train
 
@@ -83,6 +83,42 @@ def test_abandonable_work_is_abandoned_on_a_signal_and_finished_otherwise() -> N
         assert keep.requested()
 
 
+def test_polled_work_is_abandoned_where_it_asks() -> None:
+    """Several ranks, or a thread: no exception from the handler, `poll` raises at the work's own points."""
+    stop = StopSignal(abandon=False)
+    asked: list[int] = []
+
+    def work() -> str:
+        for i in range(3):
+            asked.append(i)
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            poll()
+        return "finished"
+
+    with stop.installed():
+        assert not stop_due()
+        assert stop.abandonable(work) is None
+    assert asked == [0, 1] and stop.requested()
+    poll()  # outside abandonable work: nothing
+    flag = threading.Event()
+    with polled(flag.is_set):
+        poll()
+        flag.set()
+        assert stop_due()
+        with pytest.raises(Abandoned):
+            poll()
+
+
+def test_a_signal_sent_twice_at_once_is_one_stop() -> None:
+    """torchrun forwards the SIGTERM Slurm also sent to every process: the copy is not "exit now"."""
+    stop = StopSignal()
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()
+
+
 def test_a_second_signal_exits_at_once() -> None:
     script = (
         "import os, signal, time\n"
@@ -91,6 +127,7 @@ def test_a_second_signal_exits_at_once() -> None:
         "with stop.installed():\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    print('first', stop.requested(), flush=True)\n"
+        "    time.sleep(1.2)  # later than a duplicate of the first\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(5)\n"
         "    print('not reached')\n"
@@ -189,14 +226,21 @@ def test_sigterm_and_sigint_at_each_phase_then_resume_is_bit_identical(
     # the update of step 3 has started: it finishes, step 3 is saved; SIGINT exits 130
     run = stopped_at("update:3:INT", 130)
     assert "dapo: SIGINT: finishing this step" in run.stderr and newest() == "step_000003"
-    # during the evaluation at step 4: it completes and is logged once, then the step-4 checkpoint
-    stopped_at("eval:4", 143)
+    # during the evaluation at step 4: it is abandoned, the step-4 checkpoint says so, and the resumed run
+    # evaluates step 4 first (logged once, however many times it is resumed)
+    run = stopped_at("eval:4", 143)
+    assert "abandoning this step" in run.stderr
     assert newest() == "step_000004"
-    assert [e["step"] for e in eval_lines(run_dir)] == [0, 2, 4]
+    assert [e["step"] for e in eval_lines(run_dir)] == [0, 2]
     # a first signal in the update of step 5, a second one while step 5's checkpoint is being written:
-    # the process dies at once, step 4's checkpoint is intact
+    # the process dies at once, step 4's checkpoint is intact (the write follows the first signal within
+    # the second that counts a repeat as the same stop, so that window is closed in this process)
+    no_window = (
+        "import sys, dapo.preempt; dapo.preempt.SECOND_SIGNAL_AFTER_S = 0.0; from dapo.cli import main; "
+        "sys.exit(main())"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dapo.cli", "train", *common, "--resume", "auto"],
+        [sys.executable, "-c", no_window, "train", *common, "--resume", "auto"],
         env={**os.environ, "DAPO_SIGNAL_AT": "update:5"}, cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

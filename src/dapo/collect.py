@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from dapo import algo
+from dapo import algo, preempt
 from dapo.data.sampler import PromptSampler
 from dapo.rewards import ScoreBatch
 from dapo.rollout.base import Completion, RolloutEngine, SamplingParams
@@ -359,17 +360,36 @@ class AheadCollector:
         return collected
 
     @contextlib.contextmanager
-    def ahead(self, step: int, last_step: int) -> Iterator[None]:
-        """Collect step ``step``'s batch while the body runs (nothing with 0, or past ``last_step``)."""
+    def ahead(self, step: int, last_step: int, stop: Callable[[], bool] = lambda: False) -> Iterator[None]:
+        """Collect step ``step``'s batch while the body runs (nothing with 0, or past ``last_step``).
+
+        The collection is abandoned (`dapo.preempt.poll` in the engines it drives) when the body raises, whose
+        error then comes first, or once ``stop()`` is true (a stop signal): the collector is put back as it
+        was before the collection began, so a checkpoint written next resumes to the same batches."""
         if not self.steps or step > last_step:
             yield
             return
+        before = self.collector.state_dict()
+        failed = threading.Event()
+
+        def collect() -> Collected:
+            with preempt.polled(lambda: failed.is_set() or stop()):
+                return self.collector.collect(step)
+
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dapo-ahead") as pool:
-            future = pool.submit(self.collector.collect, step)
+            future = pool.submit(collect)
             try:
                 yield
-            finally:
+            except BaseException:
+                failed.set()  # the collection stops at its next poll; the body's error is raised
+                concurrent.futures.wait([future])
+                self.collector.load_state_dict(before)
+                raise
+            try:
                 collected = future.result()  # joined before the caller moves the weights
+            except preempt.Abandoned:
+                self.collector.load_state_dict(before)
+                return
         self.pending = (step, collected)
 
     def state_dict(self) -> dict[str, Any]:

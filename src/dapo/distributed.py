@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dapo import preempt
 from dapo.rewards import ScoreBatch
 from dapo.rollout.base import Completion, RolloutEngine, SamplingParams
 
@@ -416,7 +417,11 @@ def merge_scores(parts: Sequence[ScoreBatch]) -> ScoreBatch:
 
 class ShardedEngine:
     """`RolloutEngine` over the ranks: each generates its share of the prompts with its own engine, and
-    every rank gets all completions, ordered by prompt index."""
+    every rank gets all completions, ordered by prompt index.
+
+    A stop (`dapo.preempt`) is agreed on here: a rank whose share was abandoned (`preempt.poll` inside its
+    engine), or that was signalled while generating, says so in the gather, and then every rank raises
+    `preempt.Abandoned` together; the ranks never part ways mid-collective."""
 
     def __init__(self, engine: RolloutEngine, world: World) -> None:
         self.engine = engine
@@ -430,10 +435,17 @@ class ShardedEngine:
             seed = self.world.broadcast(int(torch.randint(2**31, ()).item()))
         share, share_sampling = shard_requests(len(prompts), self.world.size, sampling, seed)[self.world.rank]
         local: list[Completion] = []
-        if len(share) > 0:
-            local = self.engine.generate(prompts[share.start : share.stop], share_sampling)
+        abandoned = False
+        try:
+            if len(share) > 0:
+                local = self.engine.generate(prompts[share.start : share.stop], share_sampling)
+        except preempt.Abandoned:
+            abandoned = True
+        parts = self.world.gather((abandoned or preempt.stop_due(), local))
+        if any(stop for stop, _ in parts):
+            raise preempt.Abandoned
         shares = [shard_range(len(prompts), self.world, rank=r) for r in range(self.world.size)]
-        return gather_shares(list(zip(shares, self.world.gather(local), strict=True)))
+        return gather_shares(list(zip(shares, [part for _, part in parts], strict=True)))
 
     def load_weights(self, state_dict: Any) -> None:
         self.engine.load_weights(state_dict)

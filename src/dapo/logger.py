@@ -113,10 +113,11 @@ class RunLogger:
         interactive: bool | None = None,
         stream: TextIO | None = None,
         wandb: WandbSettings | None = None,
+        eval_pending: bool = False,
     ) -> None:
         self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        self._truncate_after(start_step)
+        self._truncate_after(start_step, eval_pending)
         self.writer: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -136,11 +137,13 @@ class RunLogger:
         plain = progress and not interactive
         self.lines = _PlainProgress(total_steps, start_step, every_steps) if plain else None
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be logged again); starting at step 0
-        (no checkpoint: a run stopped before its first step ended), drop them all. A line that is not a JSON
-        object (torn by a full disk or a power cut mid-append) is dropped with a warning. The file is
-        rewritten beside itself and renamed over the old one, so a crash now leaves one or the other."""
+    def _truncate_after(self, step: int, eval_pending: bool = False) -> None:
+        """On resume, drop lines of steps after the checkpoint (they will be logged again), and with
+        ``eval_pending`` (a stop skipped the checkpoint's evaluation; it runs now) that step's evaluation
+        lines; starting at step 0 (no checkpoint: a run stopped before its first step ended), drop them
+        all. A line that is not a JSON object (torn by a full disk or a power cut mid-append) is dropped
+        with a warning. The file is rewritten beside itself and renamed over the old one, so a crash now
+        leaves one or the other."""
         if not self.path.is_file():
             return
         lines = self.path.read_text().splitlines() if step > 0 else []
@@ -155,7 +158,8 @@ class RunLogger:
             if not isinstance(row, dict):
                 warnings.warn(f"{self.path}: line {i} is not JSON (a torn write); skipped", stacklevel=3)
                 continue
-            if row.get("step", 0) <= step:
+            at = row.get("step", 0)
+            if at < step or (at == step and not (eval_pending and "time/eval_s" in row)):
                 keep.append(ln)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with tmp.open("w") as f:

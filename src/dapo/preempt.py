@@ -6,9 +6,12 @@ its safe points:
 
 - a signal while the step's batch is being generated (`StopSignal.abandonable`) abandons the step: nothing
   of it is kept, the checkpoint holds the state before it (the update had not started, so the weights are
-  those of the previous step);
-- a signal during the update, the evaluation, logging or a checkpoint write lets the step finish; its
-  checkpoint is then written (unless it just was);
+  those of the previous step); a batch being collected ahead (`trainer.async_rollout_steps=1`) is
+  abandoned the same way;
+- a signal during the update, logging or a checkpoint write lets the step finish; its checkpoint is then
+  written (unless it just was);
+- a periodic evaluation that is due, or running, when the signal comes is skipped: the checkpoint says so,
+  and the resumed run evaluates first;
 - then training raises `Stopped`; `dapo train` prints its message and exits with 128 + the signal number
   (143 for SIGTERM, 130 for SIGINT). `dapo train --resume auto` continues exactly where it stopped.
 
@@ -16,8 +19,15 @@ A second signal exits at once (the process dies of it): checkpoints are written 
 and renamed when complete, so the previous complete checkpoint is intact.
 
 The loop asks `StopSignal.requested()` at its safe points; with several ranks that decision must be the
-same on every rank (a collective), and abandoning mid-generation (an exception raised from the signal
-handler wherever the main thread is) only suits one process: `StopSignal(abandon=False)` turns it off.
+same on every rank (a collective). Raising from the signal handler wherever the main thread is only suits
+one process (`StopSignal(abandon=False)` turns it off); work that can be abandoned on several ranks, or in
+a thread, asks `poll()` at its own points instead: the native engine at every decode step, the Ray driver
+while it waits on its actors, and `dapo.distributed.ShardedEngine` makes the ranks agree (a rank whose share
+was abandoned tells the others in the gather that follows it, and all abandon together).
+
+Torchrun forwards SIGTERM to every rank and kills them `TORCH_ELASTIC_SHUTDOWN_TIMEOUT` seconds later (30 by
+default); Slurm may signal every process as well, so a second signal within `SECOND_SIGNAL_AFTER_S` of the
+first is the same stop, not "exit now".
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -34,6 +46,13 @@ from typing import TypeVar
 T = TypeVar("T")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+SECOND_SIGNAL_AFTER_S = 1.0
+"""A signal within this many seconds of the first is the same stop (a launcher forwarding what the cluster
+sent every process too); a later one exits at once."""
+
+_local = threading.local()
+"""`poll`'s question for the current thread (`should_stop`), set by `StopSignal.abandonable` or `polled`."""
 
 
 class Stopped(Exception):  # noqa: N818 (a requested stop, not an error)
@@ -49,9 +68,34 @@ class Stopped(Exception):  # noqa: N818 (a requested stop, not an error)
         return 128 + self.signum
 
 
-class _Abandon(BaseException):
-    """Raised from the signal handler inside `StopSignal.abandonable` (a BaseException, so no `except
-    Exception` in between swallows it)."""
+class Abandoned(BaseException):
+    """Work given up on a stop: raised from the signal handler inside `StopSignal.abandonable`, or by `poll`
+    (a BaseException, so no `except Exception` in between swallows it)."""
+
+
+def poll() -> None:
+    """Raise `Abandoned` when the work running in this thread is to be given up (a stop was requested
+    inside `StopSignal.abandonable`, or the `polled` condition holds); nothing otherwise."""
+    should_stop = getattr(_local, "should_stop", None)
+    if should_stop is not None and should_stop():
+        raise Abandoned
+
+
+def stop_due() -> bool:
+    """Whether `poll` would raise now (a rank reports this to the others before they agree)."""
+    should_stop = getattr(_local, "should_stop", None)
+    return should_stop is not None and bool(should_stop())
+
+
+@contextlib.contextmanager
+def polled(should_stop: Callable[[], bool]) -> Iterator[None]:
+    """Inside the block, `poll` in this thread raises `Abandoned` once ``should_stop()`` is true."""
+    previous = getattr(_local, "should_stop", None)
+    _local.should_stop = should_stop
+    try:
+        yield
+    finally:
+        _local.should_stop = previous
 
 
 class StopSignal:
@@ -60,6 +104,7 @@ class StopSignal:
     def __init__(self, *, abandon: bool = True) -> None:
         self.abandon = abandon
         self.signum: int | None = None
+        self._first_at = 0.0
         self._abandonable = False
         self._previous: dict[int, object] = {}
 
@@ -84,8 +129,9 @@ class StopSignal:
             return None
         self._abandonable = self.abandon
         try:
-            return fn()
-        except _Abandon:
+            with polled(self.requested):
+                return fn()
+        except Abandoned:
             return None
         finally:
             # no call or backward jump before this store: CPython runs no signal handler in between
@@ -98,18 +144,25 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self.signum is not None:  # the second signal: exit at once, as its default action does
+        if self.signum is not None:
+            if time.monotonic() - self._first_at < SECOND_SIGNAL_AFTER_S:  # the same stop, sent twice
+                return
+            # the second signal: exit at once, as its default action does
             _say(f"dapo: second signal ({name}): exiting now; the newest complete checkpoint is kept\n")
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
-        if self._abandonable:
+        self.signum, self._first_at = signum, time.monotonic()
+        polled_here = getattr(_local, "should_stop", None) is not None  # given up at its next `poll`
+        if self._abandonable or polled_here:
             _say(
                 f"dapo: {name}: abandoning this step, then saving a checkpoint (a second signal exits now)\n"
             )
+        if self._abandonable:
             self._abandonable = False
-            raise _Abandon
+            raise Abandoned
+        if polled_here:
+            return
         _say(f"dapo: {name}: finishing this step, then saving a checkpoint (a second one exits now)\n")
 
 

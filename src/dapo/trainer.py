@@ -50,7 +50,7 @@ def train(cfg: Config) -> TrainResult:
         check_world_size(cfg, world)
         return run(cfg, world)
     except Exception as e:
-        if world.distributed:  # name this rank: torchrun's summary then says which rank failed first
+        if world.distributed and not isinstance(e, Stopped):  # name the rank that failed first
             print(f"dapo: rank {world.rank} of {world.size} stops: {type(e).__name__}: {e}", file=sys.stderr)
         raise
     finally:
@@ -93,6 +93,7 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
             progress=cfg.logging.progress_bar,
             every_steps=cfg.logging.every_steps,
             wandb=wandb_settings(cfg),
+            eval_pending="eval_pending" in history,
         )
     log.message(
         f"run directory: {run_dir}  (model {backend.model_dir}, {len(train_set)} training prompts"
@@ -122,8 +123,9 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
         with backend.peaks.phase("generate", phase_metrics):
             return collector.collect(step)
 
-    # SIGTERM / SIGINT: the step in flight is finished (or, in one process, abandoned while generating),
-    # saved, then we stop. With several ranks every rank takes the decision together (`stop_requested`).
+    # SIGTERM / SIGINT: generation in flight is abandoned (the ranks agree in `ShardedEngine`), an update
+    # in flight finishes, a due evaluation is left for the resumed run, the step is saved, then we stop.
+    # With several ranks every rank takes each decision together (`stop_requested`).
     stop, saved, abandoned = StopSignal(abandon=not world.distributed), start_step, None
     interrupted = False
 
@@ -133,14 +135,13 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
     with stop.installed():
         if start_step == 0 and cfg.evaluation.before_training:
             history["eval_before"] = run_eval(0)
+        if "eval_pending" in history:  # skipped by the stop that wrote the checkpoint
+            run_eval(history.pop("eval_pending"))
 
         for step in range(start_step + 1, cfg.trainer.total_steps + 1):
             before = {"collector": collector.state_dict(), "history": dict(history)}  # if abandoned
             t_step = time.perf_counter()
-            if world.distributed:  # abandoning mid-collective would leave the other ranks waiting
-                collected: Collected | None = generate(step)
-            else:
-                collected = stop.abandonable(lambda: generate(step))  # noqa: B023 (called at once)
+            collected: Collected | None = stop.abandonable(lambda: generate(step))  # noqa: B023 (called now)
             if collected is None:  # stopped while generating: nothing of this step is kept
                 if saved < step - 1:
                     save(step - 1, before)
@@ -157,7 +158,7 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
             else:
                 t0 = time.perf_counter()
                 with (
-                    collector.ahead(step + 1, last_step=cfg.trainer.total_steps),
+                    collector.ahead(step + 1, last_step=cfg.trainer.total_steps, stop=stop.requested),
                     backend.peaks.phase("update", phase_metrics),
                 ):
                     metrics.update(update_policy(cfg, actor, collected.groups, tokenizer))
@@ -169,16 +170,17 @@ def drive(cfg: Config, world: distributed.World, run_dir: Path, backend: Backend
             metrics["perf/peak_rss_mb"] = peak_rss_mb()
             metrics.update(phase_metrics)
             phase_metrics.clear()
-            if (
-                cfg.evaluation.every_steps
-                and step % cfg.evaluation.every_steps == 0
-                and step < cfg.trainer.total_steps
-            ):
-                run_eval(step)
+            stopping = stop_requested()
+            every = cfg.evaluation.every_steps
+            if every and step % every == 0 and step < cfg.trainer.total_steps:
+                evaluated = None if stopping else stop.abandonable(lambda: run_eval(step))  # noqa: B023
+                if evaluated is None:  # the resumed run evaluates this step's weights first
+                    history["eval_pending"] = step
+                    stopping = True
             log.log(step, metrics)
             if step == start_step + 1:  # the kernels the first step chose (`dapo.models.kernels`)
                 log.message(f"kernels: {kernels.describe()}")
-            stopping = stop_requested()
+            stopping = stopping or stop_requested()
             if (
                 (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
                 or step == cfg.trainer.total_steps

@@ -47,7 +47,7 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from dapo import distributed
+from dapo import distributed, preempt
 from dapo.cluster import RewardScorer, RolloutWorker, TrainerRank
 from dapo.config import Config
 from dapo.errors import UserError
@@ -58,6 +58,9 @@ from dapo.plan import ray_layout
 from dapo.rewards import ScoreBatch
 from dapo.rollout.base import Completion, SamplingParams
 from dapo.train import TrainBatch
+
+POLL_S = 0.5
+"""How often a wait on actors asks whether to give up (`dapo.preempt.poll`)."""
 
 WORKER_RESTARTS = 4
 """Times Ray restarts a rollout worker that died (its share is generated again each time)."""
@@ -104,13 +107,16 @@ def check_fits(need: dict[str, float], have: dict[str, float], local: bool) -> N
 def wait(refs: Sequence[ray.ObjectRef[Any]], names: Sequence[str], timeout_s: float, what: str) -> list[Any]:
     """The results of ``refs`` (the calls ``what`` on ``names``), in order, within ``timeout_s``. A
     timeout is printed (stderr) and raises `ClusterError`; a dead actor raises `ActorLostError` naming
-    it."""
+    it. While waiting, `dapo.preempt.poll` is asked twice a second (a stop abandons a collection here)."""
     deadline = time.monotonic() + timeout_s
     results: dict[int, Any] = {}
     pending = {ref: i for i, ref in enumerate(refs)}
     while pending:
         left = deadline - time.monotonic()
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0.0))
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(max(left, 0.0), POLL_S))
+        if not ready and left > POLL_S:
+            preempt.poll()
+            continue
         if not ready:
             late = ", ".join(names[i] for i in sorted(pending.values()))
             limit = f"{timeout_s:.0f} s (trainer.collective_timeout_s)"

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dapo.models.transformer import CausalLM, KVCache
+from dapo.preempt import poll
 from dapo.rollout.base import Completion, SamplingParams, check_prompts
 
 __all__ = ["NativeEngine", "row_streams", "sample_tokens", "stream_uniforms"]
@@ -198,6 +199,7 @@ class NativeEngine:
         done = torch.zeros(B, dtype=torch.bool, device=dev)  # [b], over active rows
         active: Tensor | None = None  # [b] output column of each active row; None = all, in order
         for step in range(steps):
+            poll()  # a stop abandons generation between decode steps (`dapo.preempt`)
             tok, lp = sample_tokens(logits.float(), sp, stream_uniforms(streams, step))  # [b], [b]
             if active is None:
                 tokens[step], logprobs[step] = tok, lp
