@@ -40,6 +40,7 @@ RAY = ["trainer.backend=ray", "trainer.collective_timeout_s=300"]
 def ray_address() -> Iterator[str]:
     """One local Ray cluster for every test here: 4 logical CPUs on any machine, no dashboard."""
     ray.init(
+        address="local",  # a cluster of its own, whatever else runs on the machine
         num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,
@@ -364,3 +365,48 @@ def test_a_local_cluster_too_small_for_the_run_fails_at_once() -> None:
         ray_backend.check_fits({"CPU": 1.0, "GPU": 1.0}, {"CPU": 2.0}, local=True)
     ray_backend.check_fits(need, {"CPU": 2.0}, local=False)
     ray_backend.check_fits(need, {"CPU": 3.0}, local=True)
+
+
+def test_without_an_address_the_driver_starts_a_cluster_of_its_own(ray_address: str) -> None:
+    """A cluster `ray start` left running on the machine (its address in Ray's temporary directory, here
+    this module's cluster): a driver given no address neither joins it nor fails on it (Ray's "num_cpus
+    must not be provided" when joining), it starts a private one."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        (Path(tmp) / "ray").mkdir()
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(ray_address)
+        script = (
+            "import ray\n"
+            "from dapo.backends.ray import connect\n"
+            "from dapo.config import load_config\n"
+            "connect(load_config(None, ['trainer.backend=ray']))\n"
+            "print(ray.get_runtime_context().gcs_address)\n"
+            "ray.shutdown()\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": tmp}
+        run = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=REPO, env=env
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] != ray_address
+
+
+def test_an_address_nobody_listens_at_is_a_one_line_error() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+    run = subprocess.run(
+        [sys.executable, "-m", "dapo", "train", *SHORT, *RAY, f"trainer.ray_address={address}"],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dapo: error: cannot join the Ray cluster at {address}: ")
+    assert "RAY_AUTH_MODE=token" in lines[0]

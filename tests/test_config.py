@@ -176,6 +176,14 @@ def test_ray_keys_are_validated() -> None:
             load_config(None, [*ok, override])
 
 
+def test_a_batchs_scoring_deadline_stays_below_the_collective_timeout() -> None:
+    with pytest.raises(
+        ConfigError, match=re.escape("reward.batch_timeout_s: invalid value 600.0; allowed: 0 or <")
+    ):
+        load_config(None, ["reward.batch_timeout_s=600"])
+    assert load_config(None, ["reward.batch_timeout_s=100"]).reward.batch_timeout_s == 100
+
+
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--dry-run", "actor.lrr=1"]) == 2
     assert "did you mean 'lr'" in capsys.readouterr().err

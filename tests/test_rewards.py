@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from dapo.config import RewardConfig
 from dapo.rewards import RewardPool, RewardResult, ScoreBatch, compute_score, load_reward_fn, symbolic
 from dapo.rewards.base import to_reward_result
 from dapo.rewards.math_dapo import extract_answer, normalize_answer
+from dapo.rewards.pool import hard_limit_s, make_reward_pool
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 USER_FN = "tests.reward_fns:misbehaving"
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------- math_dapo
@@ -313,6 +319,59 @@ def test_pool_replaces_stuck_workers(pool: RewardPool) -> None:
     assert time.monotonic() - start < 3 * TIMEOUT_S
     _check(batch, responses, truths, {})
     assert (batch.num_timeouts, batch.num_errors, batch.num_oversized) == (0, 0, 0)
+
+
+def test_many_hung_items_end_at_the_batch_deadline() -> None:
+    """40 hung items on 2 workers at 1 s each would take 20 s; the batch's 3 s deadline scores every one
+    left as a timeout (counted), and the items scored before it keep their scores."""
+    responses = ["r0", "r1"] + ["hang"] * 40
+    truths = ["r0", "no"] + ["x"] * 40
+    with RewardPool(USER_FN, num_workers=2, timeout_s=TIMEOUT_S, batch_timeout_s=3.0) as p:
+        start = time.monotonic()
+        batch = p.score(responses, truths)
+        assert time.monotonic() - start < 3.0 + 2.0
+        _check(batch, responses, truths, dict.fromkeys(range(2, 42), "[TIMEOUT]"))
+        assert batch.num_timeouts == 40
+        assert p.score(["a"], ["a"]).results[0].score == 1.0  # the workers were replaced, the pool works
+    assert make_reward_pool(RewardConfig(), collective_timeout_s=600)._batch_timeout_s == 300
+    assert make_reward_pool(RewardConfig(batch_timeout_s=20))._batch_timeout_s == 20
+
+
+def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """A trainer killed with SIGKILL while its workers are stuck on hung items (30 s each) leaves no worker
+    behind: each exits by itself at its hard limit (1.5 x 2 s + 5 s of starting the item)."""
+    script = (
+        "import os, sys, threading\n"
+        "from dapo.rewards.pool import RewardPool\n"
+        "if __name__ == '__main__':\n"
+        f"    p = RewardPool({USER_FN!r}, num_workers=2, timeout_s=2)\n"
+        "    threading.Thread(target=p.score, args=(['hang', 'hang'], ['a', 'b']), daemon=True).start()\n"
+        "    import time; time.sleep(1)\n"
+        "    print(' '.join(str(w.process.pid) for w in p._workers), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    pids = [int(x) for x in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + hard_limit_s(2) + 3
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
 
 
 def test_pool_empty_and_bad_input(pool: RewardPool) -> None:

@@ -196,7 +196,7 @@ class RewardScorer:
 
     def __init__(self, cfg: Config) -> None:
         _threads(1)
-        self.pool = make_reward_pool(cfg.reward)
+        self.pool = make_reward_pool(cfg.reward, cfg.trainer.collective_timeout_s)
 
     def score(self, texts: list[str], truths: list[str]) -> ScoreBatch:
         return self.pool.score(texts, truths)

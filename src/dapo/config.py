@@ -187,6 +187,10 @@ class RewardConfig:
     """Scoring processes (0 = score in the training process; hung verifiers cannot be timed out then)."""
     timeout_s: float = 10.0
     """Per-response verifier time limit; a response that exceeds it scores as incorrect and is counted."""
+    batch_timeout_s: float = 0.0
+    """Deadline of one batch's scoring (per-response limits add up when many responses hang): responses
+    not scored by then score as incorrect and are counted as timeouts. 0 = half of
+    trainer.collective_timeout_s, so a batch of hung verifiers never outlasts the ranks' patience."""
     soft_overlong_punishment: bool = True
     """Add the soft overlong punishment (Eq. 13) to the correctness reward."""
     overlong_cache_length: int = 4096
@@ -197,6 +201,7 @@ class RewardConfig:
     def validate(self) -> None:
         _check(self.num_workers >= 0, "reward.num_workers", self.num_workers, "an integer >= 0")
         _check(self.timeout_s > 0, "reward.timeout_s", self.timeout_s, "a number > 0")
+        _check(self.batch_timeout_s >= 0, "reward.batch_timeout_s", self.batch_timeout_s, "a number >= 0")
         _check(
             self.overlong_cache_length >= 1,
             "reward.overlong_cache_length",
@@ -520,6 +525,14 @@ class Config:
                 "rollout.vllm.max_model_len",
                 self.rollout.vllm.max_model_len,
                 f"0 or >= data.max_prompt_length + rollout.max_response_length ({longest})",
+            )
+        if self.reward.batch_timeout_s:
+            _check(
+                self.reward.batch_timeout_s < self.trainer.collective_timeout_s,
+                "reward.batch_timeout_s",
+                self.reward.batch_timeout_s,
+                f"0 or < trainer.collective_timeout_s ({self.trainer.collective_timeout_s:g}: the ranks wait "
+                "no longer for a batch's scores)",
             )
         if self.trainer.async_rollout_steps:
             key, value = "trainer.async_rollout_steps", self.trainer.async_rollout_steps

@@ -31,7 +31,7 @@ class LocalBackend:
             cfg.rollout, self.policy.full, self.tokenizer, precision=cfg.actor.precision
         )
         self.engine: RolloutEngine = distributed.ShardedEngine(self.local_engine, world)
-        self.pool = make_reward_pool(cfg.reward)
+        self.pool = make_reward_pool(cfg.reward, cfg.trainer.collective_timeout_s)
         self.score: Scorer = distributed.ShardedScorer(self.pool.score, world)
         self.actor: PolicyUpdater = (
             HandOff(self.policy, self.local_engine) if cfg.rollout.handoff else self.policy.actor

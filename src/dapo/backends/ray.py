@@ -35,6 +35,7 @@ naming it; `--resume auto` continues from the last checkpoint.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -75,19 +76,46 @@ _started_here = False
 
 
 def connect(cfg: Config) -> None:
-    """Join the Ray cluster at `trainer.ray_address` (else $RAY_ADDRESS), or start a local one with this
-    machine's CPUs; nothing when this process is connected already."""
+    """Join the Ray cluster at `trainer.ray_address` (else $RAY_ADDRESS), or start a private local one with
+    this machine's CPUs (never a cluster some other program runs here); nothing when this process is
+    connected already. A cluster that cannot be joined is a `ClusterError` naming the address."""
     global _started_here
     if ray.is_initialized():
         return
-    address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS") or None
+    address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if address is None:
+    if address == "local":
         kwargs["num_cpus"] = (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         )
-    ray.init(address=address, **kwargs)
-    _started_here = address is None
+    else:
+        reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}; {_JOIN_HINT}") from None
+    _started_here = address == "local"
+
+
+_JOIN_HINT = (
+    "check trainer.ray_address / RAY_ADDRESS (the head's GCS address, host:6379 by default), and that this "
+    "process has the cluster's authentication: a head started with RAY_AUTH_MODE=token needs "
+    "RAY_AUTH_MODE=token and its token here too"
+)
+
+
+def reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail at once when nothing listens at a ``host:port`` address (Ray itself retries for minutes);
+    other forms (``auto``, ``ray://``) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {reason}; {_JOIN_HINT}") from None
 
 
 def check_fits(need: dict[str, float], have: dict[str, float], local: bool) -> None:

@@ -10,6 +10,17 @@ item's deadline. A reward function that raises scores "[ERROR]" (the worker live
 its process scores "[ERROR]" too and the worker is replaced. Responses longer than max_response_chars
 are never sent ("[OVERSIZED]"). All of these score -1.0, are counted in ScoreBatch, and never raise.
 
+Per-item timeouts add up when many items hang (150 hung items on 2 workers at 10 s take 750 s), so a
+whole call has a deadline too (``batch_timeout_s``): past it, the items in flight and those not yet sent
+score "[TIMEOUT]" as well. The training run sets it below its collective timeout, so a batch of hung
+verifiers never stops the run.
+
+A worker dies with the process that started it: an idle one reads the end of its pipe and exits; one
+scoring an item has a hard limit of its own (`hard_limit_s`, past the parent's kill at timeout_s), kept by
+faulthandler's watchdog thread, which needs no GIL, so a trainer killed with SIGKILL leaves no worker
+spinning on a hung item, even one stuck in native code. A worker ignores SIGTERM / SIGINT (the parent
+decides when it stops) and is reaped by ``close()``, by the pool's finalizer, or at interpreter exit.
+
 Workers start with "forkserver" (or "spawn" where that is missing): forking the trainer, which holds
 torch threads, is unsafe. They import the reward function from its spec string, so user functions need
 not be picklable, but their module must be importable from the parent's sys.path. As with any
@@ -20,6 +31,7 @@ The pool is not thread-safe: call score() from one thread at a time.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import multiprocessing as mp
@@ -88,17 +100,21 @@ class RewardPool:
         num_workers: int = 2,
         timeout_s: float = 10.0,
         max_response_chars: int = 500_000,
+        batch_timeout_s: float = math.inf,
     ) -> None:
         """Start ``num_workers`` processes scoring with the function named by ``reward_fn``.
 
         ``num_workers=0`` scores in this process: exceptions and oversized responses are still handled,
         but a hung reward function cannot be interrupted (timeout_s is not enforced).
+        ``batch_timeout_s`` bounds one `score` call (see the module docstring).
         """
         # bool is an int; a True here is a mistake, not one worker.
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
+        if not (isinstance(batch_timeout_s, (int, float)) and batch_timeout_s > 0):
+            raise ValueError(f"batch_timeout_s must be a number > 0, got {batch_timeout_s!r}")
         if (
             isinstance(max_response_chars, bool)
             or not isinstance(max_response_chars, int)
@@ -109,6 +125,7 @@ class RewardPool:
         self._fn: RewardFn = load_reward_fn(reward_fn)
         self._spec = reward_fn
         self._timeout_s = float(timeout_s)
+        self._batch_timeout_s = float(batch_timeout_s)
         self._max_chars = max_response_chars
         self._closed = False
         use_forkserver = "forkserver" in mp.get_all_start_methods()
@@ -187,8 +204,13 @@ class RewardPool:
     def _run(
         self, todo: deque[int], responses: Sequence[str], ground_truths: Sequence[str], batch: ScoreBatch
     ) -> None:
-        """Hand items to ready workers, collect replies, and replace workers past their deadline."""
+        """Hand items to ready workers, collect replies, and replace workers past their deadline; past the
+        call's deadline, every item left scores "[TIMEOUT]"."""
+        batch_deadline = time.monotonic() + self._batch_timeout_s
         while todo or any(w.item is not None for w in self._workers):
+            if time.monotonic() >= batch_deadline:
+                self._give_up(todo, batch)
+                return
             for slot, w in enumerate(self._workers):
                 if w.ready and w.item is None and todo:
                     i = todo.popleft()
@@ -203,6 +225,7 @@ class RewardPool:
             # With nothing in flight we are only waiting for workers to start; wake up now and then to
             # check STARTUP_TIMEOUT_S.
             wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 1.0
+            wait_s = min(wait_s, max(0.0, batch_deadline - time.monotonic()))
             readable = wait([w.conn for w in self._workers], timeout=wait_s)
             for slot, w in enumerate(self._workers):
                 if w.conn in readable:
@@ -219,6 +242,22 @@ class RewardPool:
                     raise RuntimeError(
                         f"reward worker did not load {self._spec!r} within {STARTUP_TIMEOUT_S:.0f} s"
                     )
+
+    def _give_up(self, todo: deque[int], batch: ScoreBatch) -> None:
+        """The call's deadline passed: the items in flight (their workers replaced) and those never sent
+        score "[TIMEOUT]"."""
+        late = [w.item for w in self._workers if w.item is not None] + list(todo)
+        todo.clear()
+        for slot, w in enumerate(self._workers):
+            if w.item is not None:
+                self._replace(slot)
+        for i in late:
+            batch.results[i] = TIMEOUT
+        batch.num_timeouts += len(late)
+        logger.warning(
+            "reward %r: the batch's scoring passed its %.0f s deadline; %d responses left scored -1.0",
+            self._spec, self._batch_timeout_s, len(late),
+        )  # fmt: skip
 
     def _receive(self, slot: int, batch: ScoreBatch) -> None:
         """Handle one message from a worker: ready, a result, an error, or its death."""
@@ -254,7 +293,10 @@ class RewardPool:
     def _start_worker(self, slot: int) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=_worker_main, args=(child_conn, self._spec), name=f"dapo-reward-{slot}", daemon=True
+            target=_worker_main,
+            args=(child_conn, self._spec, hard_limit_s(self._timeout_s)),
+            name=f"dapo-reward-{slot}",
+            daemon=True,
         )
         process.start()
         child_conn.close()  # the child holds its own copy; closing ours lets us see EOF when it dies
@@ -265,9 +307,14 @@ class RewardPool:
         self._workers[slot] = self._start_worker(slot)
 
 
-def make_reward_pool(cfg: RewardConfig) -> RewardPool:
-    """The pool the `reward` section describes: its function, workers and per-response timeout."""
-    return RewardPool(cfg.function, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s)
+def make_reward_pool(cfg: RewardConfig, collective_timeout_s: float | None = None) -> RewardPool:
+    """The pool the `reward` section describes: its function, workers, per-response timeout and a batch's
+    deadline (`reward.batch_timeout_s`; 0: half of ``collective_timeout_s``, the longest any rank or the
+    driver waits for the others, when given)."""
+    batch = cfg.batch_timeout_s or (collective_timeout_s / 2 if collective_timeout_s else math.inf)
+    return RewardPool(
+        cfg.function, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s, batch_timeout_s=batch
+    )
 
 
 def _stop(w: _Worker, *, graceful: bool) -> None:
@@ -291,7 +338,13 @@ def _shutdown(workers: list[_Worker]) -> None:
     workers.clear()
 
 
-def _worker_main(conn: Connection, spec: str) -> None:
+def hard_limit_s(timeout_s: float) -> float:
+    """How long a worker lets itself score one item before it exits by itself: later than the parent's
+    kill at ``timeout_s``, so it only acts when the parent is gone (or hung)."""
+    return 1.5 * timeout_s + 5.0
+
+
+def _worker_main(conn: Connection, spec: str, limit_s: float) -> None:
     """Worker loop: load the reward function, say ready, then score items until told to stop."""
     # Ctrl-C (and a cluster's SIGTERM) reach the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -311,10 +364,14 @@ def _worker_main(conn: Connection, spec: str) -> None:
             return
         index, response, ground_truth = message
         reply: tuple[str, int, object]
+        # past the limit, a C thread (no GIL needed) prints where the item hung and exits the process
+        faulthandler.dump_traceback_later(limit_s, exit=True)
         try:
             reply = ("ok", index, fn(response, ground_truth))
         except Exception as exc:  # reported to the parent, which counts it; the worker lives on
             reply = ("error", index, f"{type(exc).__name__}: {exc}")
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         try:
             conn.send(reply)
         except OSError:  # the parent is gone
