@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -102,17 +103,17 @@ def remember_backends(mp: pytest.MonkeyPatch) -> list[ray_backend.RayBackend]:
     return backends
 
 
-def check_syncs(mp: pytest.MonkeyPatch) -> list[tuple[str, list[str], list[str]]]:
+def check_syncs(mp: pytest.MonkeyPatch, before: bool = True) -> list[tuple[str, list[str], list[str]]]:
     """Every weight sync while ``mp`` is active, checked: (trainer rank 0's digest after it, the workers'
-    before it, the workers' after it)."""
+    before it (empty without ``before``), the workers' after it)."""
     checks: list[tuple[str, list[str], list[str]]] = []
     real = ray_backend.RayBackend.sync_weights
 
     def checked(self: ray_backend.RayBackend) -> dict[str, float]:
-        _, before = self.checksums()
+        digests_before = self.checksums()[1] if before else []
         out = real(self)
         want, got = self.checksums()
-        checks.append((want, before, got))
+        checks.append((want, digests_before, got))
         return out
 
     mp.setattr(ray_backend.RayBackend, "sync_weights", checked)
@@ -171,6 +172,53 @@ def test_a_worker_killed_mid_generation_is_restarted_and_the_run_unchanged(
         run_dir = ray_run(tmp_path, "killed", "rollout.num_workers=2")
     rows = metrics(run_dir)
     assert sum(r["rollout/worker_restarts"] for r in rows) == 1
+    assert_equal_weights(final_weights(run_dir), reference["weights"])
+
+
+@pytest.mark.parametrize(
+    "when", ["update", "weight sync", "after the weight sync"], ids=["update", "push", "after-push"]
+)
+def test_a_worker_killed_while_idle_or_in_the_push_is_revived_before_it_samples(
+    reference: dict[str, Any], tmp_path: Path, when: str
+) -> None:
+    """Worker 1 is SIGKILLed during step 2's update (idle), as step 2's weights are pushed, or just after
+    (idle again): Ray restarts it holding the model's initial weights; the push forms a new group and sends
+    the current weights, or the worker refuses to sample with weights of another version and gets them
+    first. Each sync leaves every worker with trainer rank 0's weights, and the run ends with the
+    reference's."""
+    real = ray_backend.wait
+    seen = {"update": 0, "weight sync": 0, "checksum": 0}
+
+    def kill_worker_1(wait_for_restart: bool = False) -> None:
+        pool = backends[-1].engine
+        old = pool.pids[1]
+        os.kill(old, signal.SIGKILL)
+        while wait_for_restart:  # back, idle, holding the model's initial weights
+            try:
+                if ray.get(backends[-1].workers[1].ready.remote(), timeout=60)[0] != old:
+                    return
+            except ray.exceptions.RayActorError:
+                time.sleep(0.2)
+
+    def kill_at(refs: Any, names: Any, timeout_s: float, what: str) -> list[Any]:
+        if what in seen:
+            seen[what] += 1
+        if what == when and seen[what] == 2:  # step 2's update, or step 2's push
+            kill_worker_1()
+        out = real(refs, names, timeout_s, what)
+        if when == "after the weight sync" and what == "checksum" and seen[what] == 4:  # step 2's, checked
+            kill_worker_1(wait_for_restart=True)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray_backend, "wait", kill_at)
+        backends = remember_backends(mp)
+        checks = check_syncs(mp, before=False)  # (asking a worker that is restarting would fail)
+        run_dir = ray_run(tmp_path, "idle", "rollout.num_workers=2")
+    rows = metrics(run_dir)
+    assert sum(r["rollout/worker_restarts"] for r in rows) == 1
+    for want, _, got in checks:
+        assert got == [want] * 2
     assert_equal_weights(final_weights(run_dir), reference["weights"])
 
 

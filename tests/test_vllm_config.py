@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import pytest
@@ -35,7 +36,7 @@ def test_vllm_settings_load_and_are_validated() -> None:
         "rollout.vllm.kv_cache_gib=0": "rollout.vllm.kv_cache_gib",
         "rollout.vllm.tensor_parallel_size=0": "rollout.vllm.tensor_parallel_size",
         "rollout.vllm.max_model_len=-1": "rollout.vllm.max_model_len",
-        "rollout.vllm.max_model_len=100": r"max_prompt_length \+ rollout.max_response_length \(192\)",
+        "rollout.vllm.max_model_len=100": r"the longest of rollout/evaluation.max_response_length \(192\)",
         "rollout.vllm.enforce_eager=maybe": "rollout.vllm.enforce_eager",
         "rollout.vllm.kv_cache=1": "did you mean 'kv_cache_gib'",
     }
@@ -96,3 +97,15 @@ def test_data_parallel_ranks_refuse_vllm_tensor_parallelism() -> None:
         check_world_size(cfg, ranks)
     check_world_size(cfg, World.single())  # one process: vLLM's own tensor parallelism is allowed
     check_world_size(load_config("tiny", ["rollout.engine=vllm"]), ranks)
+
+
+def test_a_context_shorter_than_the_longest_sequence_fails_before_generation_on_every_rank() -> None:
+    """With rollout.vllm.max_model_len=0 (the model's context) the check happens when the engine is built,
+    on every rank alike, before vLLM starts (so it holds without vLLM installed too)."""
+    model = small_model()
+    context = model.args.max_position_embeddings
+    message = f"rollout.vllm.max_model_len: 0, the model's max_position_embeddings {context} is shorter"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_engine(RolloutConfig(engine="vllm"), model, None, longest=context + 1)
+    cfg = load_config("tiny", ["rollout.engine=vllm", "evaluation.max_response_length=4096"])
+    assert cfg.longest_sequence() == cfg.data.max_prompt_length + 4096

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,26 +16,34 @@ from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
 from dapo.distributed import (
     broadcast_weights,
+    serve_store,
     weight_buckets,
     weight_group,
     weight_sync_device,
     weights_checksum,
 )
 
+SECRET = b"the run's secret"
+
 
 def _members(
-    modules: list[nn.Module], generation: int = 0, bucket_bytes: int = 512 << 20, source: Any = None
+    modules: list[nn.Module],
+    generation: int = 0,
+    bucket_bytes: int = 512 << 20,
+    source: Any = None,
+    secrets: list[bytes] | None = None,
 ) -> list[Any]:
-    """Run every member's `broadcast_weights` together (member 0 with ``bucket_bytes`` and ``source``);
-    each member's (version, bytes) or its error."""
+    """Run every member's `broadcast_weights` together (member 0 with ``bucket_bytes`` and ``source``),
+    each joining with its secret (default: all the same); each member's (version, bytes) or its error."""
     timeout = datetime.timedelta(seconds=5)  # the sender of a refused sync waits this long
-    server = TCPStore("127.0.0.1", 0, None, True, timeout, wait_for_workers=False)
+    server = serve_store("127.0.0.1", 5.0)
     results: list[Any] = [None] * len(modules)
+    keys = secrets or [SECRET] * len(modules)
 
     def member(rank: int) -> None:
         store = server if rank == 0 else TCPStore("127.0.0.1", server.port, None, False, timeout)
         try:
-            group = weight_group(store, rank, len(modules), generation, 5.0, torch.device("cpu"))
+            group = weight_group(store, rank, len(modules), generation, 5.0, torch.device("cpu"), keys[rank])
             if rank == 0:
                 results[rank] = broadcast_weights(
                     group, modules[rank], version=7, bucket_bytes=bucket_bytes, source=source
@@ -60,6 +69,31 @@ def test_receivers_hold_the_senders_weights_and_version() -> None:
     size = sum(p.numel() * 4 for p in modules[0].parameters())
     assert results == [(7, size)] * 3
     assert len({weights_checksum(m) for m in modules}) == 1
+
+
+def test_a_member_without_the_secret_is_refused_before_any_weight_moves() -> None:
+    """A stranger that took a receiver's place in the rendezvous (the store is readable by anyone who
+    reaches it, the secret comes through Ray): every member refuses the group, nothing is sent or loaded."""
+    torch.manual_seed(0)
+    modules = [nn.Linear(4, 3) for _ in range(3)]
+    before = [weights_checksum(m) for m in modules]
+    results = _members(modules, secrets=[SECRET, b"a guess", SECRET])
+    for rank, r in enumerate(results):
+        strangers = "[0, 2]" if rank == 1 else "[1]"  # the stranger's view: everyone else is one
+        assert isinstance(r, RuntimeError) and f"member(s) {strangers} failed authentication" in str(r), r
+    assert [weights_checksum(m) for m in modules] == before
+
+
+def test_the_store_listens_on_its_address_only_on_a_port_it_chose() -> None:
+    store = serve_store("127.0.0.1", 5.0)
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A":  # LISTEN
+            host, port = local.split(":")
+            listening.add((host, int(port, 16)))
+    assert ("0100007F", store.port) in listening  # 127.0.0.1
+    assert ("00000000", store.port) not in listening  # not 0.0.0.0
 
 
 def test_a_receiver_with_another_model_fails_instead_of_loading() -> None:

@@ -5,14 +5,15 @@ where it places them and drives them (see its docstring for the whole picture).
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+import torch.distributed as dist
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
 from dapo import distributed
@@ -33,10 +34,10 @@ def _threads(count: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(count)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
+class StaleWeightsError(RuntimeError):
+    """A rollout worker was asked to sample or receive with weights it does not hold (Ray restarted it
+    between calls): the driver gives it the current weights first (`RolloutPool.revive` in
+    `dapo.backends.ray`)."""
 
 
 class TrainerRank:
@@ -48,25 +49,32 @@ class TrainerRank:
         self.cfg, self.run_dir, self.rank, self.size = cfg, Path(run_dir), rank, size
         self.updates = 0
         self.store: Any = None
+        self.world_store: Any = None
         self.group: Any = None
         self.sync_device = torch.device("cpu")
         self.version = 0
 
     def address(self) -> tuple[str, int]:
-        """Where the group's world meets (rank 0's node and a free port there)."""
-        return ray.util.get_node_ip_address(), _free_port()
+        """Rank 0: serve the world's store on this node's address (`distributed.serve_store`); where."""
+        timeout_s = self.cfg.trainer.collective_timeout_s
+        self.world_store = distributed.serve_store(ray.util.get_node_ip_address(), timeout_s)
+        return ray.util.get_node_ip_address(), int(self.world_store.port)
 
-    def setup(self, master: tuple[str, int]) -> tuple[int, str]:
-        """Join the world (several ranks) and build the policy; (process id, node id)."""
+    def setup(self, master: tuple[str, int], secret: bytes) -> tuple[int, str]:
+        """Join the world (several ranks; every rank proves it holds the run's ``secret``) and build the
+        policy; (process id, node id)."""
         world = distributed.World.single()
         if self.size > 1:
             os.environ.update(
-                RANK=str(self.rank), WORLD_SIZE=str(self.size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
-            )  # fmt: skip
-            world = distributed.init_world(
-                device=self.cfg.model.device, timeout_s=self.cfg.trainer.collective_timeout_s
+                RANK=str(self.rank), WORLD_SIZE=str(self.size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"
             )
+            timeout_s = self.cfg.trainer.collective_timeout_s
+            store = self.world_store or TCPStore(
+                master[0], master[1], None, False, datetime.timedelta(seconds=timeout_s)
+            )
+            world = distributed.init_world(device=self.cfg.model.device, timeout_s=timeout_s, store=store)
+            device = world.device if world.device.type == "cuda" else torch.device("cpu")
+            distributed.authenticate(dist.group.WORLD, self.rank, self.size, secret, device)
             _threads(self.cfg.trainer.ray_cpus_per_actor)
         # only rank 0 keeps the full weights, in host memory: it writes the checkpoint's model/ and sends
         # them to a restarted worker; the sync itself streams the gathered shards
@@ -81,20 +89,17 @@ class TrainerRank:
         return metrics, batch.old_logprobs if self.rank == 0 else None
 
     def weight_store(self) -> tuple[str, int]:
-        """Rank 0: serve the weight group's store (once); its address."""
+        """Rank 0: serve the weight group's store (once) on this node's address; where."""
+        host = ray.util.get_node_ip_address()
         if self.store is None:
-            import datetime
+            self.store = distributed.serve_store(host, self.cfg.trainer.collective_timeout_s)
+        return host, int(self.store.port)
 
-            self.store = TCPStore(
-                "0.0.0.0", 0, None, True, datetime.timedelta(seconds=self.cfg.trainer.collective_timeout_s),
-                wait_for_workers=False,
-            )  # fmt: skip
-        return ray.util.get_node_ip_address(), int(self.store.port)
-
-    def join_weight_group(self, size: int, generation: int) -> None:
+    def join_weight_group(self, size: int, generation: int, secret: bytes) -> None:
         self.sync_device = distributed.weight_sync_device(self.policy.world.device, self.cfg.rollout.colocate)
+        self.group = None  # a group of an earlier generation closes its connections
         self.group = distributed.weight_group(
-            self.store, 0, size, generation, self.cfg.trainer.collective_timeout_s, self.sync_device
+            self.store, 0, size, generation, self.cfg.trainer.collective_timeout_s, self.sync_device, secret
         )
 
     def publish(self, version: int, gather: bool) -> dict[str, float]:
@@ -109,10 +114,21 @@ class TrainerRank:
             for _ in gathered or ():  # the other ranks' part of each all-gather
                 pass
             return {}
-        self.version, sent = distributed.broadcast_weights(
-            self.group, self.policy.full, version, self.sync_device,
-            bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb << 20, source=gathered,
-        )  # fmt: skip
+        try:
+            self.version, sent = distributed.broadcast_weights(
+                self.group, self.policy.full, version, self.sync_device,
+                bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb << 20, source=gathered,
+            )  # fmt: skip
+        except Exception:
+            # a receiver is gone (e.g. restarted): drop the group, closing its connections, so the other
+            # receivers fail now rather than at the timeout; the full copy takes the rest of the update
+            # (the other ranks' all-gathers go on to the end), so the driver can push it to a new group
+            self.group = None
+            full = dict(self.policy.full.named_parameters())
+            with torch.no_grad():
+                for name, value in gathered or ():
+                    full[name].copy_(value)
+            raise
         return {"rollout/weight_sync_mb": sent / 2**20, "time/weight_broadcast_s": time.perf_counter() - t0}
 
     def save(self, step: int, state: dict[str, Any]) -> None:
@@ -143,7 +159,9 @@ class RolloutWorker:
         self.model, tokenizer, _ = load_policy(cfg.model, device=host)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.engine = make_engine(cfg.rollout, self.model, tokenizer, precision=cfg.actor.precision)
+        self.engine = make_engine(
+            cfg.rollout, self.model, tokenizer, precision=cfg.actor.precision, longest=cfg.longest_sequence()
+        )
         self.group: Any = None
         self.sync_device = torch.device("cpu")
         self.version = 0
@@ -152,23 +170,32 @@ class RolloutWorker:
         """(process id, node id, weights version)."""
         return os.getpid(), ray.get_runtime_context().get_node_id(), self.version
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, version: int) -> list[Completion]:
+        """The engine's completions, sampled with weights ``version``; a worker holding another (one Ray
+        restarted between calls holds the model's initial weights) raises `StaleWeightsError` instead."""
+        if self.version != version:
+            raise StaleWeightsError(
+                f"rollout worker {self.index} holds weights version {self.version}, not {version}"
+            )
         return self.engine.generate(prompts, sampling)
 
-    def join_weight_group(self, address: tuple[str, int], rank: int, size: int, generation: int) -> None:
-        import datetime
-
+    def join_weight_group(
+        self, address: tuple[str, int], rank: int, size: int, generation: int, secret: bytes
+    ) -> None:
         timeout = datetime.timedelta(seconds=self.cfg.trainer.collective_timeout_s)
         store = TCPStore(address[0], address[1], None, False, timeout)
         self.sync_device = distributed.weight_sync_device(
             next(self.model.parameters()).device, self.cfg.rollout.colocate
         )
+        self.group = None
         self.group = distributed.weight_group(
-            store, rank, size, generation, self.cfg.trainer.collective_timeout_s, self.sync_device
+            store, rank, size, generation, self.cfg.trainer.collective_timeout_s, self.sync_device, secret
         )
 
     def receive(self) -> int:
         """The weights rank 0 broadcasts, into this worker's model (and its engine's own copy)."""
+        if self.group is None:
+            raise StaleWeightsError(f"rollout worker {self.index} is in no weight group (restarted)")
         self.version, _ = distributed.broadcast_weights(self.group, self.model, 0, self.sync_device)
         sync_engine_weights(self.engine, self.model)
         return self.version

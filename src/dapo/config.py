@@ -489,6 +489,11 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def longest_sequence(self) -> int:
+        """The longest prompt + response an engine is asked for: training's or evaluation's response."""
+        responses = self.rollout.max_response_length, self.evaluation.max_response_length
+        return self.data.max_prompt_length + max(responses)
+
     def validate(self) -> None:
         """Validate every section, then the constraints that span sections."""
         for f in dataclasses.fields(self):
@@ -518,13 +523,14 @@ class Config:
                 self.rollout.engine,
                 "'hf' only with model.implementation=hf (transformers' generate runs transformers' model)",
             )
-        longest = self.data.max_prompt_length + resp
+        longest = self.longest_sequence()
         if self.rollout.engine == "vllm" and self.rollout.vllm.max_model_len:
             _check(
                 self.rollout.vllm.max_model_len >= longest,
                 "rollout.vllm.max_model_len",
                 self.rollout.vllm.max_model_len,
-                f"0 or >= data.max_prompt_length + rollout.max_response_length ({longest})",
+                f"0 or >= data.max_prompt_length + the longest of rollout/evaluation.max_response_length "
+                f"({longest})",
             )
         if self.reward.batch_timeout_s:
             _check(

@@ -29,7 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
+import hmac
 import os
+import secrets
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -139,10 +143,10 @@ class World:
             dist.destroy_process_group()
 
 
-def init_world(*, device: str = "auto", timeout_s: float = 600.0) -> World:
-    """Join the launcher's process group (torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR), or
-    `World.single()` when not launched by one. CUDA ranks use NCCL and GPU ``LOCAL_RANK``; CPU ranks gloo,
-    each with ``max(1, cores // local ranks)`` threads."""
+def init_world(*, device: str = "auto", timeout_s: float = 600.0, store: Any = None) -> World:
+    """Join the launcher's process group (torchrun's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR, or
+    ``store`` in place of MASTER_ADDR), or `World.single()` when not launched by one. CUDA ranks use NCCL
+    and GPU ``LOCAL_RANK``; CPU ranks gloo, each with ``max(1, cores // local ranks)`` threads."""
     size = launched_world_size()
     if size is None:
         return World.single()
@@ -160,6 +164,7 @@ def init_world(*, device: str = "auto", timeout_s: float = 600.0) -> World:
         backend="nccl" if use_cuda else "gloo",
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=dev if use_cuda else None,
+        **({"store": store, "rank": rank, "world_size": size} if store is not None else {}),
     )
     return World(rank, size, local_rank, local_size, dev, distributed=True)
 
@@ -474,21 +479,62 @@ class ShardedScorer:
 # Weights to rollout workers (Ray mode): a gloo group of its own, trainer rank 0 and the workers
 
 
+def serve_store(host: str, timeout_s: float) -> Any:
+    """A TCPStore server listening on ``host`` only (the address its members reach it at, not every
+    interface), on a port the kernel picks as it binds: no probe for a free port that another process may
+    take before the bind. Its port is ``.port``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(128)
+    port = int(sock.getsockname()[1])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    return dist.TCPStore(  # type: ignore[attr-defined]
+        host, port, None, True, timeout, wait_for_workers=False, master_listen_fd=sock.detach()
+    )
+
+
+def authenticate(group: Any, rank: int, size: int, secret: bytes, device: torch.device) -> None:
+    """Every member proves to every other that it holds ``secret`` (given to the members through Ray, never
+    through the store, which anyone who reaches it can read): member 0 sends a fresh nonce, each member
+    sends HMAC-SHA256(secret, nonce, its rank), and each checks them all. A member without the secret (a
+    stranger that took a member's place in the rendezvous) fails the check on every honest member, before
+    any weight is sent or taken."""
+    nonce = torch.frombuffer(bytearray(secrets.token_bytes(16)), dtype=torch.uint8).to(device)
+    group.broadcast(nonce, 0).wait()  # rank 0's, on every member
+
+    def tag(of: int) -> torch.Tensor:
+        mac = hmac.new(secret, bytes(nonce.cpu().tolist()) + of.to_bytes(4, "big"), hashlib.sha256).digest()
+        return torch.frombuffer(bytearray(mac), dtype=torch.uint8).to(device)
+
+    tags = [torch.empty(32, dtype=torch.uint8, device=device) for _ in range(size)]
+    group.allgather([tags], [tag(rank)]).wait()
+    strangers = [r for r in range(size) if not hmac.compare_digest(bytes(tags[r].cpu().tolist()),
+                                                                   bytes(tag(r).cpu().tolist()))]  # fmt: skip
+    if strangers:
+        raise RuntimeError(f"weight group: member(s) {strangers} failed authentication; nothing was sent")
+
+
 def weight_group(
-    store: Any, rank: int, size: int, generation: int, timeout_s: float, device: torch.device
+    store: Any, rank: int, size: int, generation: int, timeout_s: float, device: torch.device, secret: bytes
 ) -> Any:
     """A group of ``size`` members outside the trainer ranks' world: member 0 is trainer rank 0 (it holds
-    ``store``'s server), the rollout workers follow. Every member calls this together; a new ``generation``
-    (after a worker restarted) forms a new group on the same store. ``device``: the group's, from
-    `weight_sync_device`: CUDA forms an NCCL group, the CPU a gloo one."""
+    ``store``'s server, `serve_store`), the rollout workers follow. Every member calls this together with the
+    run's ``secret`` (`authenticate`); a new ``generation`` (after a worker restarted) forms a new group on
+    the same store. ``device``: the group's, from `weight_sync_device`: CUDA forms an NCCL group, the CPU a
+    gloo one."""
     prefixed = dist.PrefixStore(f"dapo-weights-{generation}", store)  # type: ignore[attr-defined]
     timeout = datetime.timedelta(seconds=timeout_s)
+    group: Any
     if device.type == "cuda":
         nccl: Any = getattr(dist, "ProcessGroupNCCL")  # noqa: B009 (absent from CPU builds of torch)
         options = nccl.Options()
         options._timeout = timeout
-        return nccl(prefixed, rank, size, options)
-    return dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+        group = nccl(prefixed, rank, size, options)
+    else:
+        group = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+    authenticate(group, rank, size, secret, device)
+    return group
 
 
 def weight_sync_device(weights: torch.device, colocated: bool) -> torch.device:

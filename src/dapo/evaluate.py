@@ -188,7 +188,7 @@ def evaluate_checkpoint(
     then the metrics, and returns them. `config_name` names where the protocol came from (a preset)."""
     model, tokenizer, model_dir = load_policy(cfg.model, path=model_path)
     prompts = load_eval_set(cfg, tokenizer, data_files)
-    engine = make_engine(cfg.rollout, model, tokenizer)
+    engine = make_engine(cfg.rollout, model, tokenizer, longest=cfg.longest_sequence())
     sampling = eval_sampling(cfg, tokenizer, k)
     protocol = format_protocol(
         sampling, len(prompts), cfg, too_long=prompts.num_too_long, config_name=config_name

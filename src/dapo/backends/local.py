@@ -28,8 +28,9 @@ class LocalBackend:
         self.tokenizer, self.model_dir = self.policy.tokenizer, self.policy.model_dir
         self.layout = f", {world.size} data-parallel ranks" if world.distributed else ""
         self.local_engine = make_engine(
-            cfg.rollout, self.policy.full, self.tokenizer, precision=cfg.actor.precision
-        )
+            cfg.rollout, self.policy.full, self.tokenizer, precision=cfg.actor.precision,
+            longest=cfg.longest_sequence(),
+        )  # fmt: skip
         self.engine: RolloutEngine = distributed.ShardedEngine(self.local_engine, world)
         self.pool = make_reward_pool(cfg.reward, cfg.trainer.collective_timeout_s)
         self.score: Scorer = distributed.ShardedScorer(self.pool.score, world)

@@ -35,6 +35,7 @@ naming it; `--resume auto` continues from the last checkpoint.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 import time
@@ -44,12 +45,12 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dapo import distributed, preempt
-from dapo.cluster import RewardScorer, RolloutWorker, TrainerRank
+from dapo.cluster import RewardScorer, RolloutWorker, StaleWeightsError, TrainerRank
 from dapo.config import Config
 from dapo.errors import UserError
 from dapo.logger import PhasePeaks
@@ -155,13 +156,14 @@ def wait(refs: Sequence[ray.ObjectRef[Any]], names: Sequence[str], timeout_s: fl
             i = pending.pop(ref)
             try:
                 results[i] = ray.get(ref)
-            except RayActorError as e:
+            except (RayActorError, StaleWeightsError) as e:  # dead, or restarted by Ray since the last call
                 raise ActorLostError(names[i], i, e) from e
     return [results[i] for i in range(len(refs))]
 
 
 class ActorLostError(RuntimeError):
-    """An actor died during a call: `name` and `index` say which."""
+    """An actor died during a call, or Ray restarted it since the last (a worker's
+    `StaleWeightsError`): `name` and `index` say which."""
 
     def __init__(self, name: str, index: int, cause: BaseException) -> None:
         super().__init__(f"{name} died: {type(cause).__name__}")
@@ -200,6 +202,9 @@ class RayBackend:
         self.pgs: list[PlacementGroup] = []
         self.peaks = PhasePeaks(None)  # generation and update run on the actors
         self.restarts = 0
+        self.secret = secrets.token_bytes(32)
+        """The run's secret: members of the trainer world and the weight group prove they hold it
+        (`distributed.authenticate`); it reaches them through Ray, never through a store."""
         self.nodes: dict[str, str] = {}
         """The Ray node id of each trainer rank and rollout worker."""
         try:
@@ -323,7 +328,7 @@ class TrainerGroup:
         self.backend = backend
         rank0 = backend.ranks[0]
         master = wait([rank0.address.remote()], ["trainer rank 0"], backend.timeout_s, "address")[0]
-        placed = backend.call_ranks("setup", lambda r: r.setup.remote(master))
+        placed = backend.call_ranks("setup", lambda r: r.setup.remote(master, backend.secret))
         backend.nodes.update({name: node for name, (_, node) in zip(backend.rank_names, placed, strict=True)})
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -354,9 +359,10 @@ class WeightSync:
         self.generation += 1
         size = 1 + len(b.workers)
         address = wait([b.ranks[0].weight_store.remote()], b.rank_names[:1], b.timeout_s, "weight_store")[0]
-        refs = [b.ranks[0].join_weight_group.remote(size, self.generation)]
+        refs = [b.ranks[0].join_weight_group.remote(size, self.generation, b.secret)]
         refs += [
-            w.join_weight_group.remote(address, i + 1, size, self.generation) for i, w in enumerate(b.workers)
+            w.join_weight_group.remote(address, i + 1, size, self.generation, b.secret)
+            for i, w in enumerate(b.workers)
         ]
         wait(refs, [b.rank_names[0], *b.worker_names], b.timeout_s, "join_weight_group")
 
@@ -379,6 +385,16 @@ class WeightSync:
             if e.index < len(b.ranks):
                 raise ClusterError(f"{e.name} died during the weight sync; the run stops") from e
             b.engine.revive(e.index - len(b.ranks))  # a worker died: it gets the weights on its return
+            return self.push(gather=False)
+        except RayTaskError:
+            # a worker that died while idle (during the update) broke the group: rank 0's send failed,
+            # and its full copy holds the whole update; the restarted workers join a new group for it
+            restarted = b.engine.restarted()
+            if not restarted:
+                raise
+            print(f"dapo: {', '.join(b.worker_names[i] for i in restarted)} restarted; weights sent again",
+                  file=sys.stderr)  # fmt: skip
+            self.regroup = True
             return self.push(gather=False)
         versions = results[len(b.ranks) :]
         if any(v != self.version for v in versions):
@@ -404,7 +420,7 @@ class RolloutPool:
         self.backend = backend
         b = backend
         ready = wait([w.ready.remote() for w in b.workers], b.worker_names, b.timeout_s, "ready")
-        self.pids = [pid for pid, _, _ in ready]
+        self.pids: list[int] = [int(pid) for pid, _, _ in ready]
         b.nodes.update({name: node for name, (_, node, _) in zip(b.worker_names, ready, strict=True)})
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
@@ -415,7 +431,7 @@ class RolloutPool:
         def submit(i: int) -> ray.ObjectRef[Any]:
             share, share_sampling = shares[i]
             ref: ray.ObjectRef[Any] = b.workers[i].generate.remote(
-                prompts[share.start : share.stop], share_sampling
+                prompts[share.start : share.stop], share_sampling, b.weights.version
             )
             return ref
 
@@ -429,7 +445,8 @@ class RolloutPool:
             except ActorLostError as e:
                 lost = list(refs)[e.index]
                 print(
-                    f"dapo: {e.name} died while generating; its prompts are generated again", file=sys.stderr
+                    f"dapo: {e.name} died (or was restarted); its prompts are generated again",
+                    file=sys.stderr,
                 )
                 self.revive(lost)
                 refs[lost] = submit(lost)  # the same share and seed: the same samples
@@ -442,23 +459,7 @@ class RolloutPool:
         worker. With no peer, rank 0's weights after the update: that share is then less stale, and truncated
         importance sampling against the engine's log-probs keeps the update exact for it too."""
         b = self.backend
-        b.restarts += 1
-        deadline = time.monotonic() + b.timeout_s
-        while True:
-            try:
-                self.pids[index] = wait(
-                    [b.workers[index].ready.remote()],
-                    [b.worker_names[index]],
-                    max(deadline - time.monotonic(), 1.0),
-                    "ready",
-                )[0][0]
-                break
-            except ActorLostError:
-                if time.monotonic() > deadline:
-                    raise ClusterError(
-                        f"{b.worker_names[index]} did not come back within {b.timeout_s:.0f} s"
-                    ) from None
-                time.sleep(0.5)
+        self.await_restart(index)
         peers = [j for j in range(len(b.workers)) if j != index]
         for j in peers if b.weights.moved else []:
             try:
@@ -473,6 +474,47 @@ class RolloutPool:
             b.weights.regroup = True
             return
         b.weights.resend()
+
+    def await_restart(self, index: int) -> int:
+        """Wait for Ray to restart worker ``index`` (counted in `rollout/worker_restarts`); its process id."""
+        b = self.backend
+        b.restarts += 1
+        deadline = time.monotonic() + b.timeout_s
+        while True:
+            try:
+                self.pids[index] = int(
+                    wait(
+                        [b.workers[index].ready.remote()],
+                        [b.worker_names[index]],
+                        max(deadline - time.monotonic(), 1.0),
+                        "ready",
+                    )[0][0]
+                )
+                return self.pids[index]
+            except ActorLostError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"{b.worker_names[index]} did not come back within {b.timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.5)
+
+    def restarted(self) -> list[int]:
+        """The workers Ray restarted since they last reported (a new process id), each waited for."""
+        b = self.backend
+        found = []
+        for i in range(len(b.workers)):
+            try:
+                ready = wait([b.workers[i].ready.remote()], [b.worker_names[i]], b.timeout_s, "ready")
+                pid = int(ready[0][0])
+            except ActorLostError:  # dead, not back yet
+                self.await_restart(i)
+                found.append(i)
+                continue
+            if pid != self.pids[i]:
+                self.pids[i] = pid
+                b.restarts += 1
+                found.append(i)
+        return found
 
     def load_weights(self, state_dict: Any) -> None:
         """Weights given by the caller, to every worker through Ray's object store (the trainer's own

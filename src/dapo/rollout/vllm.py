@@ -128,7 +128,7 @@ class VLLMEngine:
         config, self._prefix = _hf_config(model)
         device = next(model.parameters()).device
         self.vocab_size = int(config["vocab_size"])
-        self.max_model_len = max_model_len or int(config["max_position_embeddings"])
+        self.max_model_len = max_model_len or context_length(model)
         self._tied_head = bool(config.get("tie_word_embeddings", False))
         # vLLM computes on the GPU when there is one, wherever the model it starts from lives (a trainer may
         # keep that copy in host memory)
@@ -230,6 +230,11 @@ def _vllm_sampling(sp: SamplingParams) -> Any:
         logprobs=0,  # the sampled token's log-prob only
         detokenize=False,
     )
+
+
+def context_length(model: nn.Module) -> int:
+    """The policy's ``max_position_embeddings``: vLLM's `max_model_len` when none is given."""
+    return int(_hf_config(model)[0]["max_position_embeddings"])
 
 
 def _hf_config(model: nn.Module) -> tuple[dict[str, Any], str]:
