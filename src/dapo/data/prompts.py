@@ -76,13 +76,14 @@ def reader_settings(data: DataConfig, *, dedup: bool) -> ReaderSettings:
 def tokenize_prompts(examples: list[Example], tokenizer: Any, max_prompt_length: int) -> PromptSet:
     """Apply the tokenizer's chat template; prompts longer than `max_prompt_length` tokens are skipped,
     counted."""
-    from dapo.models.tokenizer import apply_chat_template
+    from dapo.models.tokenizer import apply_chat_templates
 
     kept: list[Example] = []
     ids: list[list[int]] = []
     too_long = 0
-    for e in examples:
-        tokens = apply_chat_template(tokenizer, e.chat_messages())
+    for e, tokens in zip(
+        examples, apply_chat_templates(tokenizer, [e.chat_messages() for e in examples]), strict=True
+    ):
         if len(tokens) > max_prompt_length:
             too_long += 1
             continue

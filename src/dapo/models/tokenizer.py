@@ -18,6 +18,20 @@ def load_tokenizer(path: str | Path) -> Any:
 def apply_chat_template(tokenizer: Any, messages: Sequence[Any]) -> list[int]:
     """Token ids of ``messages`` (dicts or objects with ``role`` and ``content``) under the tokenizer's chat
     template, ending with the assistant generation prompt."""
+    return apply_chat_templates(tokenizer, [messages])[0]
+
+
+def apply_chat_templates(tokenizer: Any, conversations: Sequence[Sequence[Any]]) -> list[list[int]]:
+    """`apply_chat_template` of many conversations: each rendered, then all tokenized in one call (a data
+    set's prompts at start-up)."""
+    texts = [_render(tokenizer, messages) for messages in conversations]
+    if not texts:
+        return []
+    ids: list[list[int]] = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _render(tokenizer: Any, messages: Sequence[Any]) -> str:
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
         raise ValueError(f"tokenizer {name!r} has no chat template; use a plain prompt template instead")
@@ -28,9 +42,8 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[Any]) -> list[int]:
         if not isinstance(role, str) or not isinstance(content, str):
             raise ValueError(f"message {i} needs string 'role' and 'content', got {m!r}")
         convo.append({"role": role, "content": content})
-    text = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids
+    text: str = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+    return text
 
 
 def pad_token_id(tokenizer: Any) -> int:

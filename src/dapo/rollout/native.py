@@ -27,8 +27,8 @@ and at most ``max_batch_size`` rows.
 Speed notes (2 CPU cores, tiny models, batch 64: see ``bench/rollout.py``): the decode step is bound by the
 matmuls and SDPA's attention kernel, not by Python. Sampling uses a two-level inverse CDF (one uniform per
 row) instead of ``torch.multinomial``'s per-token exponential race, which costs ~10 ms per step at V = 8192 on
-CPU. Tried and not kept: ``torch.compile`` of the decode step (29 s to compile, 12% faster steps in session
-1; 42 s and 4% in session 4), a float32 KV cache for bf16 models (bf16 SDPA is slower than float32 SDPA on
+CPU. Tried and not kept: ``torch.compile`` of the decode step (29-42 s to compile for 4-12% faster steps,
+depending on the machine), a float32 KV cache for bf16 models (bf16 SDPA is slower than float32 SDPA on
 CPU, but the casts ate the gain), two threads each decoding half the batch on one core (no faster).
 """
 
