@@ -12,6 +12,10 @@ kept high on purpose, since that is what makes logits matter), trains on one res
 - chunked: `actor.logits_chunk_tokens=512`;
 - both: the two together.
 
+Then the generation lines: the native engine's round of `GENERATE` with each KV
+budget of ``--kv-mib`` in a fresh process, its peak beside `dapo.plan.engine_memory`'s estimate, and what the
+hand-off frees in one process (the bf16 sampling copy).
+
 Per setting: the update's median seconds over ``--repeats`` after one warm-up update (which creates AdamW's
 states), the process's peak resident memory growth from before the model was built (`ru_maxrss`, so
 everything the update allocated, the Python allocator's slack included), and `dapo.plan.rank_memory`'s
@@ -106,6 +110,62 @@ def one(setting: str, tokens: int, repeats: int) -> dict[str, Any]:
     }
 
 
+GENERATE = {"prompts": 4, "n": 8, "prompt": 256, "response": 768}
+"""The generation lines' round: 4 prompts of 256 tokens, 8 samples each, 768 tokens each (a random model
+never stops early: every row runs to full length)."""
+
+
+def one_generate(kv_mib: int) -> dict[str, Any]:
+    """The native engine's round (`GENERATE`, float32) in this (fresh) process with a KV budget of ``kv_mib``
+    (0: none): its seconds, the process's peak growth from before the model was built (weights included)
+    and `dapo.plan.engine_memory`'s estimate."""
+    from dapo.config import Config
+    from dapo.plan import engine_memory
+    from dapo.rollout import NativeEngine
+    from dapo.rollout.base import SamplingParams
+
+    g = GENERATE
+    before = peak_bytes()
+    torch.manual_seed(0)
+    model = CausalLM(ARGS).requires_grad_(False)
+    engine = NativeEngine(model, pad_token_id=0, kv_budget_bytes=kv_mib * 2**20 or None)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, ARGS.vocab_size, (g["prompt"],), generator=gen).tolist() for _ in range(4)]
+    t0 = time.perf_counter()
+    engine.generate(prompts, SamplingParams(n=g["n"], max_tokens=g["response"], seed=0))
+    seconds = time.perf_counter() - t0
+    measured = peak_bytes() - before
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    cfg.data.max_prompt_length, cfg.rollout.max_response_length = g["prompt"], g["response"]
+    cfg.rollout.n, cfg.rollout.kv_cache_gib = g["n"], kv_mib / 1024
+    plan = engine_memory(cfg, ARGS, g["prompts"], cuda=False)
+    planned = plan.weights + plan.kv_cache + plan.workspace
+    return {"kv_mib": kv_mib, "seconds": seconds, "measured_mib": measured / 2**20,
+            "planned_mib": planned / 2**20, "rows": plan.in_flight}  # fmt: skip
+
+
+def resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one_handoff() -> dict[str, Any]:
+    """What the hand-off frees in one process: the native engine sampling in bf16 from float32 weights
+    (`actor.precision=bf16-mixed`) keeps a bf16 copy; `NativeEngine.release` (the hand-off's first act) drops
+    it. Resident memory after a short generation, then after the release."""
+    from dapo.rollout import NativeEngine
+    from dapo.rollout.base import SamplingParams
+
+    torch.manual_seed(0)
+    model = CausalLM(ARGS).requires_grad_(False)
+    engine = NativeEngine(model, pad_token_id=0, dtype=torch.bfloat16)
+    engine.generate([[1, 2, 3, 4]], SamplingParams(n=2, max_tokens=4, seed=0))
+    held = resident_bytes()
+    engine.release()
+    return {"freed_mib": (held - resident_bytes()) / 2**20,
+            "copy_mib": sum(p.numel() * 2 for p in model.parameters()) / 2**20}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,10 +173,19 @@ def main() -> None:
     parser.add_argument("--tokens", default="2048,4096", help="comma-separated prompt + response lengths")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--kv-mib", default="0,64", help="the generation lines' KV budgets (0: none)")
     parser.add_argument("--one", nargs=2, metavar=("SETTING", "TOKENS"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-generate", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--one-handoff", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.repeats)))
+        return
+    if args.one_generate is not None:
+        print(json.dumps(one_generate(args.one_generate)))
+        return
+    if args.one_handoff:
+        print(json.dumps(one_handoff()))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(kernels.machine_line())
@@ -144,6 +213,33 @@ def main() -> None:
                 f"{base['measured_mib'] - measured:.0f} |",
                 flush=True,
             )
+    g = GENERATE
+    print(
+        f"\ngeneration (native engine, float32): {g['prompts']} prompts of {g['prompt']} tokens x {g['n']} "
+        f"samples x {g['response']} tokens, weights included"
+    )
+    print("| KV budget MiB | rows at once | generate s | measured MiB | planned MiB | planned/measured |")
+    print("|" + "---|" * 6)
+    for kv in (int(k) for k in args.kv_mib.split(",")):
+        r = fresh(env, "--one-generate", str(kv))
+        print(
+            f"| {kv or 'none'} | {r['rows']} | {r['seconds']:.1f} | {r['measured_mib']:.0f} | "
+            f"{r['planned_mib']:.0f} | {r['planned_mib'] / r['measured_mib']:.2f} |",
+            flush=True,
+        )
+    r = fresh(env, "--one-handoff")
+    print(
+        f"\nhand-off in one process (bf16 sampling copy of float32 weights): released "
+        f"{r['freed_mib']:.0f} MiB of resident memory (the copy: {r['copy_mib']:.0f} MiB)"
+    )
+
+
+def fresh(env: dict[str, str], *args: str) -> dict[str, Any]:
+    """This script's JSON result for ``args`` in a fresh process."""
+    run = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=True
+    )
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ import torch
 from torch.testing import assert_close
 
 from dapo.algo import (
+    AdvantageEstimator,
     GroupFilter,
     LossAggregation,
     PolicyLoss,
+    advantages,
     aggregate_loss,
     apply_sample_mask,
     entropy_from_logits,
@@ -24,6 +26,8 @@ from dapo.algo import (
     mismatch_kl,
     overlong_filter_mask,
     policy_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
     soft_overlong_penalty,
     token_stats_from_logits,
     truncated_is_weights,
@@ -57,6 +61,35 @@ def test_group_advantages_hand_values() -> None:
         group_advantages(rewards, scale_by_std=False),
         torch.tensor([[1.5, -0.5, -0.5, -0.5], [1, -1, -1, 1.0]]),
     )
+
+
+def test_rloo_advantages_hand_values() -> None:
+    # A_i = R_i − mean of the others: [1, 0, 0, 1] -> 1 − 1/3 = 2/3, 0 − 2/3 = −2/3;
+    # [1, −1, 1] -> 1 − 0 = 1, −1 − 1 = −2; a constant group -> 0
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    assert_close(rloo_advantages(r), torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]]))
+    assert_close(rloo_advantages(torch.tensor([[1.0, -1.0, 1.0]])), torch.tensor([[1.0, -2.0, 1.0]]))
+    assert rloo_advantages(torch.full((2, 3), 0.9)).abs().max().item() == 0.0
+    assert rloo_advantages(torch.tensor([[1.0]])).item() == 0.0
+
+
+def test_reinforce_pp_advantages_hand_values() -> None:
+    # group means 0.5, 1, 0.25 -> centred [0.5, −0.5], [0, 0], [0.25, −0.25]; one std over all six values
+    # (Bessel): sqrt(0.625 / 5) = 0.353553 -> ±1.414214, 0, ±0.707107
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.5, 0.0]])
+    want = torch.tensor([[1.414214, -1.414214], [0.0, 0.0], [0.707107, -0.707107]])
+    assert_close(reinforce_pp_advantages(r), want, atol=1e-5, rtol=0)
+    assert reinforce_pp_advantages(torch.ones(3, 4)).abs().max().item() == 0.0  # nothing to learn: 0
+
+
+def test_advantages_by_estimator() -> None:
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    assert_close(advantages(r), group_advantages(r))
+    assert_close(advantages(r, "grpo", scale_by_std=False), torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
+    assert_close(advantages(r, AdvantageEstimator.RLOO), rloo_advantages(r))
+    assert_close(advantages(r, "reinforce_plus_plus"), reinforce_pp_advantages(r))
+    with pytest.raises(ValueError, match="'ppo' is not a valid AdvantageEstimator"):
+        advantages(r, "ppo")
 
 
 def test_group_advantages_constant_group_and_single_sample() -> None:

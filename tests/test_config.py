@@ -329,3 +329,16 @@ def test_the_planner_holds_to_the_measured_gpu_peak(case: tuple[str, int, int, s
     ratio = rank_memory(cfg, args, 1, cuda=True, generates=False).update / 2**30 / measured
     low, high = (0.95, 1.05) if shape == "qwen2.5-1.5b" else (0.85, 1.15 if case[3] != "both" else 1.25)
     assert low <= ratio <= high, ratio
+
+
+def test_objective_presets_and_a_misspelt_estimator() -> None:
+    assert load_config("rloo", []).algorithm.advantage == "rloo"
+    dr = load_config("dr_grpo", []).algorithm
+    assert (dr.advantage_std_normalize, dr.loss_aggregation, dr.eps_high) == (
+        False,
+        "seq-mean-token-sum-norm",
+        0.2,
+    )
+    allowed = "allowed: 'grpo', 'rloo', 'reinforce_plus_plus'"
+    with pytest.raises(ConfigError, match=re.escape(f"algorithm.advantage: invalid value 'ppo'; {allowed}")):
+        load_config(None, ["algorithm.advantage=ppo"])

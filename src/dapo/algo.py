@@ -6,6 +6,8 @@ Equation and section numbers are those of the paper (arXiv 2503.14476).
 function                               implements
 =====================================  =====================================================================
 ``group_advantages``                   Eq. 9, group-relative advantage (GRPO/DAPO); Dr. GRPO without the std
+``rloo_advantages``, ``reinforce_pp_advantages``, ``advantages``
+                                       the estimators users compare with (RLOO, REINFORCE++), not in the paper
 ``policy_loss``                        Eq. 8/10, per-token decoupled-clip surrogate (Clip-Higher, §3.1)
 ``LossAggregation``, ``loss_denominator``, ``aggregate_loss``
                                        §3.3, token-level loss 1/Σ|o_i| and GRPO's per-sample mean, with one
@@ -86,6 +88,68 @@ def group_advantages(rewards: Tensor, *, scale_by_std: bool = True, eps: float =
     # Rounding in the mean leaves ±1 ulp in a constant group (16 × 0.9 → 6e-8), which /eps turns into ±0.06.
     constant = (r == r[:, :1]).all(dim=-1, keepdim=True)  # [N, 1]
     return torch.where(constant, torch.zeros_like(adv), adv)
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """RLOO's leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024, arXiv 2402.14740):
+    Â_i = R_i − 1/(G−1) Σ_{j≠i} R_j = G/(G−1) · (R_i − mean_j R_j), unscaled.
+
+    ``rewards`` ``[num_groups, G]`` -> the same shape; a group of one sample, or of equal rewards, gets 0."""
+    r = _group_rewards(rewards)  # [N, G]
+    G = r.shape[1]
+    if G < 2:
+        return torch.zeros_like(r)
+    adv = (r - r.mean(dim=-1, keepdim=True)) * (G / (G - 1))  # [N, G]
+    constant = (r == r[:, :1]).all(dim=-1, keepdim=True)  # [N, 1]
+    return torch.where(constant, torch.zeros_like(adv), adv)
+
+
+def reinforce_pp_advantages(rewards: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """REINFORCE++ with a group baseline (Hu et al. 2025, arXiv 2501.03262; verl's
+    ``reinforce_plus_plus_baseline``): each reward minus its group's mean, then divided by the standard
+    deviation of those differences over the whole batch (every group of the step), not per group.
+
+    ``rewards`` ``[num_groups, G]`` -> the same shape. Groups of equal rewards get 0; a batch whose
+    differences are all 0 gets 0 everywhere. The std is Bessel-corrected, as `group_advantages`'."""
+    r = _group_rewards(rewards)  # [N, G]
+    if r.shape[1] < 2:
+        return torch.zeros_like(r)
+    centred = r - r.mean(dim=-1, keepdim=True)  # [N, G]
+    constant = (r == r[:, :1]).all(dim=-1, keepdim=True)  # [N, 1]
+    centred = torch.where(constant, torch.zeros_like(centred), centred)
+    if centred.numel() < 2 or not bool(centred.ne(0).any()):
+        return torch.zeros_like(centred)
+    return centred / (centred.std() + eps)
+
+
+class AdvantageEstimator(str, enum.Enum):
+    """``algorithm.advantage``: how a group's rewards become advantages."""
+
+    GRPO = "grpo"  # Eq. 9 (DAPO's); Dr. GRPO without the std
+    RLOO = "rloo"
+    REINFORCE_PLUS_PLUS = "reinforce_plus_plus"
+
+
+def advantages(
+    rewards: Tensor,
+    estimator: AdvantageEstimator | str = AdvantageEstimator.GRPO,
+    *,
+    scale_by_std: bool = True,
+) -> Tensor:
+    """The advantages of ``rewards`` ``[num_groups, G]`` (one step's batch) by ``estimator``;
+    ``scale_by_std`` is GRPO's (Dr. GRPO: false)."""
+    kind = AdvantageEstimator(estimator)
+    if kind is AdvantageEstimator.RLOO:
+        return rloo_advantages(rewards)
+    if kind is AdvantageEstimator.REINFORCE_PLUS_PLUS:
+        return reinforce_pp_advantages(rewards)
+    return group_advantages(rewards, scale_by_std=scale_by_std)
+
+
+def _group_rewards(rewards: Tensor) -> Tensor:
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [num_groups, G], got shape {tuple(rewards.shape)}")
+    return rewards.to(torch.promote_types(rewards.dtype, torch.float32))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -287,17 +287,22 @@ class Collector:
 
 
 def make_train_batch(
-    groups: Sequence[Group], *, pad_token_id: int, std_normalize: bool = True, overlong_filter: bool = False
+    groups: Sequence[Group],
+    *,
+    pad_token_id: int,
+    std_normalize: bool = True,
+    overlong_filter: bool = False,
+    estimator: algo.AdvantageEstimator | str = algo.AdvantageEstimator.GRPO,
 ) -> TrainBatch:
     """Pack groups into a `TrainBatch` (each group's prompt once, left-padded; responses right-padded) with
-    group-relative advantages (Eq. 9).
+    group-relative advantages (Eq. 9; another ``estimator``: `dapo.algo.advantages`).
 
     With `overlong_filter` (§3.4), truncated responses leave the loss's numerator and denominator: their
     response mask is zero, and their rewards still take part in their group's mean and std (as in the
     reference).
     """
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
-    advantages = algo.group_advantages(rewards, scale_by_std=std_normalize).reshape(-1)  # [N*G]
+    advantages = algo.advantages(rewards, estimator, scale_by_std=std_normalize).reshape(-1)  # [N*G]
     n, p = len(groups), max(len(g.prompt_ids) for g in groups)
     prompt_ids = torch.full((n, p), pad_token_id, dtype=torch.long)
     prompt_mask = torch.zeros((n, p), dtype=torch.long)

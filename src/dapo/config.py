@@ -230,6 +230,10 @@ class AlgorithmConfig:
     eps_low."""
     dual_clip_c: float | None = 10.0
     """Dual-clip bound c for negative advantages (reference scripts: 10); null = off."""
+    advantage: Literal["grpo", "rloo", "reinforce_plus_plus"] = "grpo"
+    """How a group's rewards become advantages: "grpo" (Eq. 9, DAPO's: group mean and std), "rloo" (the
+    leave-one-out group mean, unscaled), "reinforce_plus_plus" (the group mean, then the std over the step's
+    whole batch). Not in the paper; `dapo.algo.advantages`."""
     loss_aggregation: LossAggregationName = "token-mean"
     """"token-mean" (DAPO, §3.3: 1/Σ|o_i|), "seq-mean-token-mean" (GRPO), "seq-mean-token-sum", "seq-mean-
     token-sum-norm" (Dr. GRPO's constant normaliser)."""

@@ -72,6 +72,7 @@ def update_policy(cfg: Config, actor: PolicyUpdater, groups: list[Group], tokeni
         pad_token_id=pad_token_id(tokenizer),
         std_normalize=cfg.algorithm.advantage_std_normalize,
         overlong_filter=cfg.algorithm.overlong_filter,
+        estimator=cfg.algorithm.advantage,
     )
     if cfg.algorithm.use_rollout_logprobs:
         batch.old_logprobs = batch.rollout_logprobs
