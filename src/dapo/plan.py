@@ -282,7 +282,8 @@ def engine_memory(cfg: Config, a: ModelArgs, prompts: int, *, cuda: bool, tp: in
     model at the model dtype. The native engine keeps at most `rollout.max_batch_size` rows at once and at
     most what `rollout.kv_cache_gib` holds at full length (`NativeEngine.rows_per_chunk`); its workspace is
     one layer's prefill activations for the distinct prompts and a few float32 ``[rows x vocabulary]``
-    sampling temporaries. vLLM's KV cache is `rollout.vllm.kv_cache_gib` per GPU, a pool allocated at start
+    sampling temporaries, and on CPU (``cuda`` false) with 16 rows or more a prepacked copy of the weights.
+    vLLM's KV cache is `rollout.vllm.kv_cache_gib` per GPU, a pool allocated at start
     (sequences at once: what it holds at full length); its workspace one scheduler step of 8,192 tokens and
     the logits of 256 sequences."""
     compute = 2 if cuda and cfg.model.dtype != "float32" else _DTYPE_BYTES[cfg.model.dtype]
@@ -302,6 +303,8 @@ def engine_memory(cfg: Config, a: ModelArgs, prompts: int, *, cuda: bool, tp: in
         rows = min(rows, max(1, int(cfg.rollout.kv_cache_gib * 2**30 // (tokens * kv_per_token))))
     distinct = min(prompts, rows)
     workspace = distinct * prompt * per_token + 3 * rows * a.vocab_size * 4
+    if not cuda and rows >= 16:  # weights prepacked for oneDNN (`CausalLM.packed_weights`): at most a copy
+        workspace += weights
     return EngineMemory(weights, rows * tokens * kv_per_token, workspace, rows)
 
 
