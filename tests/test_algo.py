@@ -16,6 +16,7 @@ from dapo.algo import (
     advantages,
     aggregate_loss,
     apply_sample_mask,
+    cispo_loss,
     entropy_from_logits,
     group_advantages,
     keep_groups,
@@ -368,3 +369,43 @@ def test_truncated_is_weights_hand_values() -> None:
     assert not w.requires_grad
     with pytest.raises(ValueError, match="cap"):
         truncated_is_weights(trainer, rollout, cap=0.0)
+
+
+# ---------------------------------------------------------------------------- other objectives (GSPO, CISPO)
+
+
+def test_cispo_keeps_a_gradient_on_clipped_tokens_hand_values() -> None:
+    # π = [0.5, 0.2], π_old = [0.25, 0.2] -> r = [2, 1]; A = 1; weights clip(r, 0.8, 1.28) = [1.28, 1]
+    # loss_t = −w·A·log π = [−1.28·ln 0.5, −ln 0.2] = [0.887228, 1.609438]; d loss / d log π = −w·A
+    lp = torch.tensor([[math.log(0.5), math.log(0.2)]], requires_grad=True)
+    old = torch.tensor([[math.log(0.25), math.log(0.2)]])
+    mask = torch.ones(1, 2)
+    out = cispo_loss(lp, old, torch.ones(1), mask, eps_low=0.2, eps_high=0.28)
+    assert_close(out.token_loss.detach(), torch.tensor([[0.887228, 1.609438]]), atol=1e-5, rtol=0)
+    out.token_loss.sum().backward()
+    assert lp.grad is not None
+    assert_close(lp.grad, torch.tensor([[-1.28, -1.0]]))
+    assert out.clip_frac_upper.item() == 0.5 and out.clip_frac_lower.item() == 0.0
+    # the clipped surrogate gives the clipped token no gradient
+    lp2 = lp.detach().clone().requires_grad_(True)
+    policy_loss(lp2, old, torch.ones(1), mask, eps_low=0.2, eps_high=0.28).token_loss.sum().backward()
+    assert lp2.grad is not None and lp2.grad[0, 0].item() == 0.0
+    with pytest.raises(ValueError, match="no dual clip"):
+        cispo_loss(lp, old, torch.ones(1), mask, dual_clip_c=10.0)
+
+
+def test_gspo_sequence_ratio_hand_values() -> None:
+    # token log-ratios [ln 2, 0] -> sequence ratio exp(ln 2 / 2) = √2 = 1.414214 on both tokens
+    lp = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]], requires_grad=True)
+    old = torch.tensor([[math.log(0.25), math.log(0.2), 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # padding takes no part
+    # A = 1: clipped at 1.28, loss −1.28 per token, no gradient
+    up = policy_loss(lp, old, torch.ones(1), mask, eps_low=0.2, eps_high=0.28, sequence_ratio=True)
+    assert_close(up.token_loss.detach(), torch.tensor([[-1.28, -1.28, 0.0]]))
+    assert up.clip_frac_upper.item() == 1.0
+    # A = −1: loss = s = √2 per token; d s / d log π_t = s / |o| = 0.707107 on each real token
+    down = policy_loss(lp, old, -torch.ones(1), mask, eps_low=0.2, eps_high=0.28, sequence_ratio=True)
+    assert_close(down.token_loss.detach(), torch.tensor([[1.414214, 1.414214, 0.0]]), atol=1e-5, rtol=0)
+    down.token_loss[0, 0].backward()
+    assert lp.grad is not None
+    assert_close(lp.grad, torch.tensor([[0.707107, 0.707107, 0.0]]), atol=1e-5, rtol=0)

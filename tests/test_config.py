@@ -339,6 +339,12 @@ def test_objective_presets_and_a_misspelt_estimator() -> None:
         "seq-mean-token-sum-norm",
         0.2,
     )
+    assert load_config("cispo", []).algorithm.policy_loss == "cispo"
+    assert load_config("gspo", []).algorithm.ratio_level == "sequence"
+    with pytest.raises(
+        ConfigError, match=re.escape("algorithm.dual_clip_c: invalid value 10.0; allowed: null with cispo")
+    ):
+        load_config(None, ["algorithm.policy_loss=cispo"])
     allowed = "allowed: 'grpo', 'rloo', 'reinforce_plus_plus'"
     with pytest.raises(ConfigError, match=re.escape(f"algorithm.advantage: invalid value 'ppo'; {allowed}")):
         load_config(None, ["algorithm.advantage=ppo"])

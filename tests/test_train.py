@@ -121,14 +121,34 @@ class GradientRecorder(Actor):
 def test_gradient_is_identical_for_any_micro_batch_size(aggregation: str) -> None:
     """The invariant itself, on the gradients (lr 0 keeps the weights, so both mini-batches compare): a
     prompt shared by responses in one micro-batch or split across several gives the same gradient."""
+    assert_gradients_invariant(AlgorithmConfig(loss_aggregation=aggregation))
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        {"policy_loss": "cispo", "dual_clip_c": None, "eps_low": 1.0},
+        {
+            "ratio_level": "sequence",
+            "loss_aggregation": "seq-mean-token-mean",
+            "eps_low": 3e-4,
+            "eps_high": 4e-4,
+        },
+    ],
+    ids=["cispo", "gspo"],
+)
+def test_other_objectives_give_the_same_gradient_for_any_micro_batch_size(objective: dict[str, Any]) -> None:
+    assert_gradients_invariant(AlgorithmConfig(**objective))
+
+
+def assert_gradients_invariant(algorithm: AlgorithmConfig) -> None:
+    """Each mini-batch's gradient is the same with micro-batches of 4, 3 and 1 responses."""
     base, batch = tiny_model(), random_batch()
     grads = []
     for micro in (4, 3, 1):
         model = copy.deepcopy(base)
         cfg = ActorConfig(lr=0.0, warmup_steps=0, mini_batch_size=4, micro_batch_size=micro)
-        actor = GradientRecorder(
-            model, cfg, AlgorithmConfig(loss_aggregation=aggregation), temperature=1.0, max_response_length=8
-        )  # type: ignore[arg-type]
+        actor = GradientRecorder(model, cfg, algorithm, temperature=1.0, max_response_length=8)  # type: ignore[arg-type]
         noise = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(5))
         batch.old_logprobs = actor.compute_logprobs(batch) + 0.3 * batch.response_mask * noise
         actor.update(batch)

@@ -8,7 +8,9 @@ function                               implements
 ``group_advantages``                   Eq. 9, group-relative advantage (GRPO/DAPO); Dr. GRPO without the std
 ``rloo_advantages``, ``reinforce_pp_advantages``, ``advantages``
                                        the estimators users compare with (RLOO, REINFORCE++), not in the paper
-``policy_loss``                        Eq. 8/10, per-token decoupled-clip surrogate (Clip-Higher, §3.1)
+``policy_loss``                        Eq. 8/10, per-token decoupled-clip surrogate (Clip-Higher, §3.1);
+                                       GSPO's sequence-level ratio as a setting
+``cispo_loss``                         CISPO's clipped, detached importance weight (not in the paper)
 ``LossAggregation``, ``loss_denominator``, ``aggregate_loss``
                                        §3.3, token-level loss 1/Σ|o_i| and GRPO's per-sample mean, with one
                                        global denominator per mini-batch
@@ -174,8 +176,14 @@ def policy_loss(
     eps_high: float = 0.28,
     dual_clip_c: float | None = None,
     is_weights: Tensor | None = None,
+    sequence_ratio: bool = False,
 ) -> PolicyLoss:
     """Per-token decoupled-clip loss, Eq. 8 / Eq. 10 (Clip-Higher); GRPO's clip when eps_low == eps_high.
+
+    ``sequence_ratio`` (GSPO, Zheng et al. 2025, arXiv 2507.18071): every token of response i takes the
+    sequence's ratio s_i = exp(1/|o_i| · Σ_t log r_t), the geometric mean of its token ratios, so a whole
+    response is clipped or not (GSPO's ranges are of order 3e-4 / 4e-4); aggregate with
+    ``seq-mean-token-mean`` for GSPO's mean over responses.
 
     loss_t = −min(r_t·A, clip(r_t, 1 − eps_low, 1 + eps_high)·A) with r_t = exp(logprobs − old_logprobs).
     With ``dual_clip_c`` = c > 1 (reference scripts: 10), tokens with A < 0 are further capped: loss_t ≤ −c·A.
@@ -191,20 +199,15 @@ def policy_loss(
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low=}, {eps_high=}")
     if dual_clip_c is not None and dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
-    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape or logprobs.dim() != 2:
-        raise ValueError(
-            f"logprobs, old_logprobs and mask must share one [B, T] shape, got {tuple(logprobs.shape)}, "
-            f"{tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
-        )
-    if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
-        advantages = advantages[:, None].expand_as(logprobs)  # [B] -> [B, T]
-    elif advantages.shape != logprobs.shape:
-        raise ValueError(f"advantages must be [B] or [B, T] for logprobs {tuple(logprobs.shape)}")
+    advantages = _token_advantages(logprobs, old_logprobs, advantages, mask)  # [B, T]
     valid = mask.bool()  # [B, T]
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     # Padding may hold arbitrary values (−inf − −inf = NaN); select it away before any arithmetic so that it
     # reaches neither the loss nor its gradient. π_old is a constant in Eq. 8, hence the detach.
     log_ratio = torch.where(valid, logprobs - old_logprobs.detach(), zero)  # [B, T]
+    if sequence_ratio:  # GSPO: the length-normalised log of the sequence's ratio, on each of its tokens
+        per_response = log_ratio.sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)  # [B, 1]
+        log_ratio = torch.where(valid, per_response.expand_as(log_ratio), zero)  # [B, T]
     log_ratio = log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # see _MAX_LOG_RATIO
     adv = torch.where(valid, advantages.detach().to(logprobs.dtype), zero)  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
@@ -213,9 +216,7 @@ def policy_loss(
     if dual_clip_c is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip_c * adv), loss)
     if is_weights is not None:
-        if is_weights.shape != logprobs.shape:
-            raise ValueError(f"is_weights must be {tuple(logprobs.shape)}, got {tuple(is_weights.shape)}")
-        loss = loss * torch.where(valid, is_weights.detach().to(loss.dtype), zero)
+        loss = loss * _checked_weights(is_weights, valid, loss)
     token_loss = torch.where(valid, loss, zero)  # [B, T]
 
     with torch.no_grad():
@@ -231,6 +232,74 @@ def policy_loss(
             approx_kl=masked_mean(k3.float(), valid),
             ratio_mean=masked_mean(ratio.float(), valid),
         )
+
+
+def cispo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip_c: float | None = None,
+    is_weights: Tensor | None = None,
+    sequence_ratio: bool = False,
+) -> PolicyLoss:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): REINFORCE with a clipped, detached importance weight,
+    loss_t = −sg(clip(r_t, 1 − eps_low, 1 + eps_high)) · A · log π_θ(o_t). Every token keeps a gradient
+    (−clip(r_t)·A·∇log π_θ), where the clipped surrogate of `policy_loss` gives a clipped token none.
+
+    Same arguments and diagnostics as `policy_loss` (``clip_frac_upper`` / ``clip_frac_lower``: tokens whose
+    weight was clipped, whatever the advantage's sign; eps_low may be 1: no lower bound); no dual clip and no
+    sequence-level ratio (both raise)."""
+    if dual_clip_c is not None or sequence_ratio:
+        raise ValueError("CISPO has no dual clip and no sequence-level ratio")
+    if not 0.0 <= eps_low <= 1.0 or eps_high < 0.0:
+        raise ValueError(f"need 0 <= eps_low <= 1 and eps_high >= 0, got {eps_low=}, {eps_high=}")
+    advantages = _token_advantages(logprobs, old_logprobs, advantages, mask)  # [B, T]
+    valid = mask.bool()  # [B, T]
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    with torch.no_grad():  # the weight is a constant (sg)
+        log_ratio = torch.where(valid, logprobs - old_logprobs, zero).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        ratio = torch.exp(log_ratio)  # [B, T]
+        weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # [B, T]
+        if is_weights is not None:
+            weight = weight * _checked_weights(is_weights, valid, weight)
+        adv = torch.where(valid, advantages.to(logprobs.dtype), zero)  # [B, T]
+    token_loss = torch.where(valid, -weight * adv * torch.where(valid, logprobs, zero), zero)  # [B, T]
+    with torch.no_grad():
+        return PolicyLoss(
+            token_loss=token_loss,
+            clip_frac_upper=masked_mean((ratio > 1.0 + eps_high).float(), valid),
+            clip_frac_lower=masked_mean((ratio < 1.0 - eps_low).float(), valid),
+            dual_clip_frac=torch.zeros((), device=logprobs.device),
+            approx_kl=masked_mean(((ratio - 1.0) - log_ratio).float(), valid),
+            ratio_mean=masked_mean(ratio.float(), valid),
+        )
+
+
+def _token_advantages(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Shape checks of a policy loss's inputs; the advantages as ``[B, T]``."""
+    if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape or logprobs.dim() != 2:
+        raise ValueError(
+            f"logprobs, old_logprobs and mask must share one [B, T] shape, got {tuple(logprobs.shape)}, "
+            f"{tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.dim() == 1 and advantages.shape[0] == logprobs.shape[0]:
+        return advantages[:, None].expand_as(logprobs)  # [B] -> [B, T]
+    if advantages.shape != logprobs.shape:
+        raise ValueError(f"advantages must be [B] or [B, T] for logprobs {tuple(logprobs.shape)}")
+    return advantages
+
+
+def _checked_weights(is_weights: Tensor, valid: Tensor, like: Tensor) -> Tensor:
+    """Importance-sampling weights as constants, zero on padding."""
+    if is_weights.shape != valid.shape:
+        raise ValueError(f"is_weights must be {tuple(valid.shape)}, got {tuple(is_weights.shape)}")
+    return torch.where(
+        valid, is_weights.detach().to(like.dtype), torch.zeros((), dtype=like.dtype, device=like.device)
+    )
 
 
 class LossAggregation(str, enum.Enum):

@@ -230,6 +230,13 @@ class AlgorithmConfig:
     eps_low."""
     dual_clip_c: float | None = 10.0
     """Dual-clip bound c for negative advantages (reference scripts: 10); null = off."""
+    policy_loss: Literal["clip", "cispo"] = "clip"
+    """"clip": the decoupled-clip surrogate (Eq. 10); "cispo": CISPO's REINFORCE with the importance weight
+    clipped to [1 − eps_low, 1 + eps_high] and detached, every token keeping a gradient (eps_low may be 1:
+    no lower bound; needs dual_clip_c null and ratio_level token). `dapo.algo.cispo_loss`."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """"token": each token's ratio (Eq. 8); "sequence": GSPO's length-normalised sequence ratio on every token
+    of a response (GSPO's clip ranges are of order 3e-4 / 4e-4, its aggregation seq-mean-token-mean)."""
     advantage: Literal["grpo", "rloo", "reinforce_plus_plus"] = "grpo"
     """How a group's rewards become advantages: "grpo" (Eq. 9, DAPO's: group mean and std), "rloo" (the
     leave-one-out group mean, unscaled), "reinforce_plus_plus" (the group mean, then the std over the step's
@@ -261,7 +268,12 @@ class AlgorithmConfig:
     identical)."""
 
     def validate(self) -> None:
-        _check(0 <= self.eps_low < 1, "algorithm.eps_low", self.eps_low, "a number in [0, 1)")
+        if self.policy_loss == "cispo":
+            _check(0 <= self.eps_low <= 1, "algorithm.eps_low", self.eps_low, "a number in [0, 1] with cispo")
+            _check(self.dual_clip_c is None, "algorithm.dual_clip_c", self.dual_clip_c, "null with cispo")
+            _check(self.ratio_level == "token", "algorithm.ratio_level", self.ratio_level, "token with cispo")
+        else:
+            _check(0 <= self.eps_low < 1, "algorithm.eps_low", self.eps_low, "a number in [0, 1)")
         _check(self.eps_high >= 0, "algorithm.eps_high", self.eps_high, "a number >= 0")
         if self.dual_clip_c is not None:
             _check(

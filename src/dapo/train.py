@@ -181,6 +181,7 @@ class Actor:
         self.temperature = temperature if temperature > 0 else 1.0
         self.max_response_length = max_response_length
         self.aggregation = algo.LossAggregation(algorithm.loss_aggregation)
+        self.policy_loss = algo.cispo_loss if algorithm.policy_loss == "cispo" else algo.policy_loss
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.precision == "bf16-mixed" and any(p.dtype != torch.float32 for p in params):
             raise ValueError("actor.precision=bf16-mixed needs float32 parameters (the master weights)")
@@ -394,7 +395,7 @@ class Actor:
             is_weights = algo.truncated_is_weights(
                 mb.old_logprobs, mb.rollout_logprobs, cap=self.algorithm.rollout_is_cap
             )
-        out = algo.policy_loss(
+        out = self.policy_loss(
             stats.logprobs,
             mb.old_logprobs,
             mb.advantages,
@@ -403,6 +404,7 @@ class Actor:
             eps_high=self.algorithm.eps_high,
             dual_clip_c=self.algorithm.dual_clip_c,
             is_weights=is_weights,
+            sequence_ratio=self.algorithm.ratio_level == "sequence",
         )
         loss = algo.aggregate_loss(out.token_loss, mask, self.aggregation, denominator)
         with torch.no_grad():
