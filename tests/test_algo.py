@@ -29,6 +29,7 @@ from dapo.algo import (
     policy_loss,
     reinforce_pp_advantages,
     rloo_advantages,
+    rollout_is_weights,
     soft_overlong_penalty,
     token_stats_from_logits,
     truncated_is_weights,
@@ -409,3 +410,24 @@ def test_gspo_sequence_ratio_hand_values() -> None:
     down.token_loss[0, 0].backward()
     assert lp.grad is not None
     assert_close(lp.grad, torch.tensor([[0.707107, 0.707107, 0.0]]), atol=1e-5, rtol=0)
+
+
+def test_rollout_is_weights_per_token_and_per_response_truncated_and_masked() -> None:
+    # token ratios π_trainer / π_rollout: row 0 [2, 1, (pad)], row 1 [0.5, 1, 2]; responses' products 2 and 1
+    ln = math.log
+    trainer = torch.tensor([[ln(0.5), ln(0.3), 0.0], [ln(0.1), ln(0.4), ln(0.2)]])
+    rollout = torch.tensor([[ln(0.25), ln(0.3), -9.0], [ln(0.2), ln(0.4), ln(0.1)]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    cases = {  # cap 1.5; the mask's band is [1/1.5, 1.5]
+        (False, False): [[1.5, 1.0, 0.0], [0.5, 1.0, 1.5]],
+        (False, True): [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]],
+        (True, False): [[1.5, 1.5, 0.0], [1.0, 1.0, 1.0]],
+        (True, True): [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]],
+    }
+    for (sequence, masking), want in cases.items():
+        got = rollout_is_weights(trainer, rollout, mask, cap=1.5, sequence=sequence, masking=masking)
+        assert_close(got, torch.tensor(want), atol=1e-6, rtol=0, msg=f"{sequence=} {masking=}")
+    assert_close(  # the token-level truncation is the TIS of `truncated_is_weights`
+        rollout_is_weights(trainer, rollout, mask, cap=1.5) * mask,
+        truncated_is_weights(trainer, rollout, cap=1.5) * mask,
+    )

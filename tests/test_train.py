@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,10 @@ def test_gradient_is_identical_for_any_micro_batch_size(aggregation: str) -> Non
             "eps_low": 3e-4,
             "eps_high": 4e-4,
         },
+        {"rollout_is_cap": 1.5, "rollout_is_level": "sequence", "rollout_is_mode": "mask"},
+        {"rollout_is_cap": 1.2, "rollout_is_level": "token", "rollout_is_mode": "truncate"},
     ],
-    ids=["cispo", "gspo"],
+    ids=["cispo", "gspo", "sequence-is-mask", "token-is-truncate"],
 )
 def test_other_objectives_give_the_same_gradient_for_any_micro_batch_size(objective: dict[str, Any]) -> None:
     assert_gradients_invariant(AlgorithmConfig(**objective))
@@ -151,6 +154,9 @@ def assert_gradients_invariant(algorithm: AlgorithmConfig) -> None:
         actor = GradientRecorder(model, cfg, algorithm, temperature=1.0, max_response_length=8)  # type: ignore[arg-type]
         noise = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(5))
         batch.old_logprobs = actor.compute_logprobs(batch) + 0.3 * batch.response_mask * noise
+        # an engine's log-probs a little off the trainer's (for the mismatch corrections)
+        engine_noise = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(6))
+        batch.rollout_logprobs = batch.old_logprobs + 0.1 * batch.response_mask * engine_noise
         actor.update(batch)
         grads.append(actor.recorded)
     for other in grads[1:]:
@@ -376,3 +382,25 @@ def test_bf16_mixed_needs_float32_parameters() -> None:
     cfg = ActorConfig(precision="bf16-mixed")
     with pytest.raises(ValueError, match=r"actor\.precision=bf16-mixed needs float32 parameters"):
         Actor(tiny_model().bfloat16(), cfg, AlgorithmConfig(), temperature=1.0, max_response_length=8)
+
+
+def test_mismatch_ratio_metrics_hand_values() -> None:
+    """Every token's π_trainer / π_rollout is 2: the percentiles are 2; with cap 1.5 every token is
+    truncated; per response (a response of L tokens: 2^L) with the mask's band [1/1.5, 1.5] all are masked."""
+    from dapo.config import load_config
+    from dapo.stages import mismatch_ratio_metrics
+
+    batch = random_batch()
+    batch.old_logprobs = batch.rollout_logprobs + math.log(2.0) * batch.response_mask
+    cfg = load_config(None, ["algorithm.rollout_is_cap=1.5"])
+    m = mismatch_ratio_metrics(cfg, batch)
+    assert (m["rollout/is_ratio_p05"], m["rollout/is_ratio_p50"], m["rollout/is_ratio_p95"]) == (
+        2.0,
+        2.0,
+        2.0,
+    )
+    assert m["rollout/is_truncated_fraction"] == 1.0
+    cfg = load_config(None, ["algorithm.rollout_is_cap=1.5", "algorithm.rollout_is_level=sequence",
+                             "algorithm.rollout_is_mode=mask"])  # fmt: skip
+    m = mismatch_ratio_metrics(cfg, batch)
+    assert m["rollout/is_masked_fraction"] == 1.0 and m["rollout/is_ratio_p05"] >= 2.0

@@ -24,8 +24,9 @@ function                               implements
 ``token_stats_from_hidden``, ``logprobs_from_hidden``
                                        the same from the final hidden states and the output projection,
                                        a chunk of tokens at a time: never a [tokens x vocabulary] tensor
-``mismatch_kl``, ``truncated_is_weights``
-                                       train/rollout mismatch, not in the paper
+``mismatch_kl``, ``truncated_is_weights``, ``rollout_is_ratios``, ``rollout_is_weights``
+                                       train/rollout mismatch (per token or per response, truncated or
+                                       masked), not in the paper
 ``masked_sum``, ``masked_mean``        helpers
 =====================================  =====================================================================
 
@@ -651,6 +652,43 @@ def mismatch_kl(rollout_logprobs: Tensor, trainer_logprobs: Tensor, mask: Tensor
         log_r = torch.where(valid, trainer_logprobs - rollout_logprobs, zero)  # [B, T]
         log_r = log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).float()
         return masked_mean(torch.exp(log_r) - 1.0 - log_r, valid)
+
+
+def rollout_is_ratios(
+    trainer_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *, sequence: bool
+) -> Tensor:
+    """π_trainer / π_rollout of the sampled tokens, ``[B, T]``, detached, 0 on padding: per token, or with
+    ``sequence`` the whole response's ratio (the product of its tokens', exp of the sum of the log-ratios)
+    on each of its tokens."""
+    with torch.no_grad():
+        valid = mask.bool()
+        zero = torch.zeros((), dtype=torch.float32, device=trainer_logprobs.device)
+        log_r = torch.where(valid, (trainer_logprobs - rollout_logprobs).float(), zero)  # [B, T]
+        if sequence:
+            log_r = log_r.sum(1, keepdim=True).expand_as(log_r)
+        ratio = torch.exp(log_r.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+        return torch.where(valid, ratio, zero)
+
+
+def rollout_is_weights(
+    trainer_logprobs: Tensor,
+    rollout_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    cap: float,
+    sequence: bool = False,
+    masking: bool = False,
+) -> Tensor:
+    """Importance weights for the train/rollout mismatch, ``[B, T]``, detached (not in the paper). The ratio
+    (`rollout_is_ratios`: per token, or per response with ``sequence``) truncated at ``cap`` (TIS:
+    min(ratio, cap)), or with ``masking`` kept where it lies in [1/cap, cap] and 0 outside (the token, or
+    with ``sequence`` the whole response, leaves the loss). Pass them as ``policy_loss(is_weights=...)``."""
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    ratio = rollout_is_ratios(trainer_logprobs, rollout_logprobs, mask, sequence=sequence)
+    if masking:
+        return torch.where((ratio >= 1.0 / cap) & (ratio <= cap), ratio, torch.zeros_like(ratio))
+    return ratio.clamp(max=cap)
 
 
 def truncated_is_weights(trainer_logprobs: Tensor, rollout_logprobs: Tensor, *, cap: float = 2.0) -> Tensor:

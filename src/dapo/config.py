@@ -261,8 +261,13 @@ class AlgorithmConfig:
     """If rounds or data run out, train on the kept groups when they are at least this fraction of the batch;
     else skip."""
     rollout_is_cap: float | None = None
-    """Truncated importance sampling for rollout/trainer mismatch: weight min(π_trainer/π_rollout, cap); null
-    = off."""
+    """Importance sampling for rollout/trainer mismatch: weight min(π_trainer/π_rollout, cap) (truncate), or
+    the ratio inside [1/cap, cap] and 0 outside (mask); null = off."""
+    rollout_is_level: Literal["token", "sequence"] = "token"
+    """The ratio of `rollout_is_cap`: each token's, or the whole response's (the product of its tokens')."""
+    rollout_is_mode: Literal["truncate", "mask"] = "truncate"
+    """"truncate": min(ratio, cap) (TIS); "mask": tokens (or responses) whose ratio leaves [1/cap, cap] leave
+    the loss."""
     use_rollout_logprobs: bool = False
     """Use the engine's log-probs as old log-probs instead of a trainer forward pass (only when numerically
     identical)."""

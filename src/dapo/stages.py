@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from dapo import algo, distributed
 from dapo.backends.base import PolicyUpdater
 from dapo.checkpoint import restore_rng
@@ -15,6 +17,7 @@ from dapo.data import PromptSampler
 from dapo.data.prompts import PromptSet
 from dapo.models.tokenizer import pad_token_id, stop_token_ids
 from dapo.rollout.base import RolloutEngine, SamplingParams
+from dapo.train import TrainBatch
 
 
 def make_collector(
@@ -81,7 +84,32 @@ def update_policy(cfg: Config, actor: PolicyUpdater, groups: list[Group], tokeni
     metrics["rollout/mismatch_kl"] = float(
         algo.mismatch_kl(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
     )
+    metrics.update(mismatch_ratio_metrics(cfg, batch))
     return metrics
+
+
+def mismatch_ratio_metrics(cfg: Config, batch: TrainBatch) -> dict[str, float]:
+    """Percentiles of π_trainer / π_rollout over the batch's tokens (or responses, with
+    `algorithm.rollout_is_level=sequence`), and with `algorithm.rollout_is_cap` the fraction truncated or
+    masked: `rollout/is_ratio_p05`, `_p50`, `_p95`, `rollout/is_truncated_fraction` or
+    `rollout/is_masked_fraction`."""
+    assert batch.old_logprobs is not None
+    a, mask = cfg.algorithm, batch.response_mask.bool()
+    sequence = a.rollout_is_level == "sequence"
+    ratio = algo.rollout_is_ratios(batch.old_logprobs, batch.rollout_logprobs, mask, sequence=sequence)
+    values = ratio[:, 0][mask.any(1)] if sequence else ratio[mask]  # one per response, or per token
+    if values.numel() == 0:
+        return {}
+    q = torch.quantile(values.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    out = {"rollout/is_ratio_p05": float(q[0]), "rollout/is_ratio_p50": float(q[1]),
+           "rollout/is_ratio_p95": float(q[2])}  # fmt: skip
+    if a.rollout_is_cap is not None:
+        cap = a.rollout_is_cap
+        if a.rollout_is_mode == "mask":
+            out["rollout/is_masked_fraction"] = float(((values < 1 / cap) | (values > cap)).double().mean())
+        else:
+            out["rollout/is_truncated_fraction"] = float((values > cap).double().mean())
+    return out
 
 
 def resume(

@@ -392,9 +392,11 @@ class Actor:
         assert mb.old_logprobs is not None
         is_weights = None
         if self.algorithm.rollout_is_cap is not None:
-            is_weights = algo.truncated_is_weights(
-                mb.old_logprobs, mb.rollout_logprobs, cap=self.algorithm.rollout_is_cap
-            )
+            is_weights = algo.rollout_is_weights(
+                mb.old_logprobs, mb.rollout_logprobs, mask, cap=self.algorithm.rollout_is_cap,
+                sequence=self.algorithm.rollout_is_level == "sequence",
+                masking=self.algorithm.rollout_is_mode == "mask",
+            )  # fmt: skip
         out = self.policy_loss(
             stats.logprobs,
             mb.old_logprobs,
