@@ -5,7 +5,7 @@ Writes `<out>/<case>.pt` from rank 0: the full parameters after the update, for 
 micro-batch size, for a per-rank-normalised negative control (each rank divides by its own count), under
 `actor.precision=bf16-mixed` (FSDP2-sharded float32 masters, bf16 autocast compute), and with the memory
 settings on (`MEMORY`: activation checkpointing inside FSDP2, the chunked LM head, token-budget
-micro-batches, whose counts differ between the ranks' shares).
+micro-batches, whose counts differ between the ranks' shares), and for the other objectives (`OBJECTIVES`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-
 BATCH, MINI = 10, 5  # two mini-batches of 5 responses: shares of 3 and 2 rows on 2 ranks
 LR = 1e-6  # the paper's learning rate
 MEMORY = {"activation_checkpointing": True, "logits_chunk_tokens": 5, "max_tokens_per_micro_batch": 14}
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "cispo": {"policy_loss": "cispo", "dual_clip_c": None, "eps_low": 1.0},
+    "gspo": {"ratio_level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4},
+    # the batch's engine log-probs are 0, so the ratios are π_old: the band keeps short responses and masks
+    # long ones (a product of ~0.02 per token)
+    "sequence-is-mask": {"rollout_is_cap": 1e6, "rollout_is_level": "sequence", "rollout_is_mode": "mask"},
+    "rloo": {"advantage": "rloo"},
+}
+"""The other objectives (`AlgorithmConfig` settings beside the aggregation), each on 2 ranks."""
 
 
 class PerRankWorld(distributed.World):
@@ -35,7 +44,12 @@ class PerRankWorld(distributed.World):
 
 
 def update(
-    world: distributed.World, aggregation: str, micro: int, precision: str = "model", **settings: Any
+    world: distributed.World,
+    aggregation: str,
+    micro: int,
+    precision: str = "model",
+    algorithm: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> dict[str, torch.Tensor]:
     checkpointing = bool(settings.get("activation_checkpointing", False))
     train_model, plain = distributed.parallelize(tiny_model(), world, activation_checkpointing=checkpointing)
@@ -51,7 +65,7 @@ def update(
     actor = Actor(
         train_model,
         cfg,
-        AlgorithmConfig(loss_aggregation=aggregation),  # type: ignore[arg-type]
+        AlgorithmConfig(loss_aggregation=aggregation, **(algorithm or {})),  # type: ignore[arg-type]
         temperature=1.0,
         max_response_length=8,
         world=world,
@@ -90,6 +104,8 @@ def main() -> None:
     results["bf16-mixed-token-mean-1"] = update(world, "token-mean", 1, "bf16-mixed")
     for aggregation in ("token-mean", "seq-mean-token-mean"):
         results[f"memory-{aggregation}"] = update(world, aggregation, MINI, **MEMORY)
+    for name, algorithm in OBJECTIVES.items():
+        results[f"objective-{name}"] = update(world, "seq-mean-token-mean", 1, algorithm=algorithm)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(results, out / "updates.pt")

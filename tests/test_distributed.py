@@ -25,7 +25,7 @@ from dapo.distributed import World
 from dapo.models import CausalLM, ModelArgs, save_pretrained
 from dapo.train import Actor
 from tests import dist_update
-from tests.dist_update import AGGREGATIONS, BATCH, LR, MINI
+from tests.dist_update import AGGREGATIONS, BATCH, LR, MINI, OBJECTIVES
 from tests.test_e2e import SHORT
 from tests.test_train import random_batch, tiny_model
 
@@ -101,6 +101,13 @@ def test_two_ranks_update_equals_one_process(tmp_path: Path) -> None:
         for name, value in want.items():
             assert relative_error(got[name], value) <= 5e-6, (aggregation, name)
         assert torch.allclose(got["old_logprobs"], want_old, atol=1e-6)
+    # the other objectives (CISPO, GSPO, sequence-level masked IS, RLOO) on 2 ranks = one process
+    for objective, algorithm in OBJECTIVES.items():
+        want = dist_update.update(World.single(), "seq-mean-token-mean", 1, algorithm=algorithm)
+        got = results[f"objective-{objective}"]
+        for name, value in want.items():
+            if not name.startswith("grad"):
+                assert relative_error(got[name], value) <= 1e-6, (objective, name)
 
 
 def test_ranks_load_their_shards_without_the_whole_model(tmp_path: Path) -> None:
