@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import dapo.models.tiny as tiny
 from dapo.cache import default_cache_dir
 from dapo.data.synthetic import ArithmeticTask
+from dapo.models import kernels
 from dapo.models.tiny import (
     DEFAULT_RECIPE,
     EOS_TOKEN,
@@ -126,6 +127,18 @@ def test_two_builds_are_bitwise_identical(tmp_path: Path) -> None:
     )
     wc = load_file(c / "model.safetensors")
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_the_warm_up_takes_the_machines_precision_choice(tmp_path: Path) -> None:
+    """The warm-up trains in bf16 autocast where the ``precision`` kernel choice says so (the choice
+    `actor.precision=auto` takes), else in float32: the report says which, and the two differ."""
+    reports, weights = {}, {}
+    for choice in ("model", "bf16-mixed"):
+        with kernels.forced(precision=choice):
+            reports[choice] = tiny.build_tiny_model(SMALL, tmp_path / choice)
+        weights[choice] = load_file(tmp_path / choice / "model.safetensors")
+    assert reports["model"].precision == "float32" and reports["bf16-mixed"].precision == "bf16-mixed"
+    assert not all(torch.equal(weights["model"][k], weights["bf16-mixed"][k]) for k in weights["model"])
 
 
 def test_cache_hit_does_not_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

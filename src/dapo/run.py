@@ -4,12 +4,8 @@ decides on this machine, and the launched world checked against the config."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from dapo import distributed
 from dapo.checkpoint import list_checkpoints
@@ -97,11 +93,4 @@ def resolve_precision(cfg: Config, saved_kernels: dict[str, str] | None = None) 
     if args is None or not mixable or resolve_device(cfg.model.device).type != "cpu":
         return "model"
     kernels.adopt(saved_kernels or {})
-    h, i = args.hidden_size, args.intermediate_size
-    timer = functools.partial(_time_precision, rows=1024, hidden=h, intermediate=i)
-    chosen = kernels.decide("precision", torch.float32, (1024, h, i), timer)
-    return "bf16-mixed" if chosen == "bf16-mixed" else "model"
-
-
-def _time_precision(candidate: str, *, rows: int, hidden: int, intermediate: int) -> Any:
-    return kernels.time_mlp(rows, hidden, intermediate, mixed=candidate == "bf16-mixed")
+    return "bf16-mixed" if kernels.mixed_precision_wins(args.hidden_size, args.intermediate_size) else "model"

@@ -64,6 +64,7 @@ __all__ = [
     "describe",
     "forced",
     "machine_line",
+    "mixed_precision_wins",
     "mode",
 ]
 
@@ -336,6 +337,18 @@ def time_mlp(rows: int, hidden: int, intermediate: int, *, mixed: bool) -> Calla
         return out
 
     return run
+
+
+def mixed_precision_wins(hidden: int, intermediate: int) -> bool:
+    """The ``precision`` choice for a model of these widths: whether bf16 autocast over float32 weights
+    trains faster than float32 on this machine (its MLP timed at 1024 rows both ways, decided once per
+    machine). `actor.precision=auto` and the tiny model's warm-up take the same decision."""
+    timer = functools.partial(_time_precision, rows=1024, hidden=hidden, intermediate=intermediate)
+    return decide("precision", torch.float32, (1024, hidden, intermediate), timer) == "bf16-mixed"
+
+
+def _time_precision(candidate: str, *, rows: int, hidden: int, intermediate: int) -> Callable[[], object]:
+    return time_mlp(rows, hidden, intermediate, mixed=candidate == "bf16-mixed")
 
 
 def time_sdpa(

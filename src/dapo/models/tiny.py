@@ -10,7 +10,9 @@ within minutes on a laptop CPU. This module builds one, reproducibly, from a :cl
    about 70 tokens, a solution at most about 30;
 2. a Qwen2 (dapo's native `CausalLM`) with tied embeddings, randomly initialised from the recipe's seed;
 3. a short supervised warm-up (SFT) on templated prompt -> reference solution, loss on the response tokens
-   only, AdamW with linear warm-up and cosine decay, on a deterministic stream of training-split problems.
+   only, AdamW with linear warm-up and cosine decay, on a deterministic stream of training-split problems,
+   under bf16 autocast where this machine trains faster so (the ``precision`` choice of `kernels`, the one
+   ``actor.precision=auto`` takes), else in float32.
 
 The result is saved in Hugging Face format (``config.json``, ``model.safetensors``, tokenizer files) plus
 ``recipe.json``, in ``${DAPO_CACHE:-${XDG_CACHE_HOME:-~/.cache}/dapo}/tiny/<key>/`` where ``<key>`` hashes
@@ -46,6 +48,7 @@ import torch
 
 from dapo.cache import default_cache_dir
 from dapo.data.synthetic import FACTOR_RANGE, OPERAND_RANGE, ArithmeticProblem, ArithmeticTask
+from dapo.models import kernels
 from dapo.models.config import ModelArgs
 from dapo.models.hub import save_pretrained
 from dapo.models.transformer import CausalLM
@@ -68,7 +71,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 """Bumped whenever the build code changes what a recipe produces, so stale caches are not reused."""
 
 PAD_TOKEN = "<|endoftext|>"
@@ -194,6 +197,9 @@ class TinyBuildReport:
     """Mean SFT loss (per response token) over the last 10% of steps."""
     steps: int
     """SFT steps run (fewer than the recipe's ``sft_steps`` when ``target_accuracy`` was reached)."""
+    precision: str
+    """The warm-up's compute: ``bf16-mixed`` (bf16 autocast over float32 weights) where this machine's
+    ``precision`` kernel choice says it trains faster, else ``float32`` (`kernels.mixed_precision_wins`)."""
     val_accuracy: float
     """Mean probability of the reference solutions of the validation problems when the warm-up ended."""
     num_parameters: int
@@ -402,8 +408,10 @@ class _SFTResult:
     """Validation reference probability at the end."""
 
 
-def _sft(model: CausalLM, tokenizer: Any, recipe: TinyRecipe, progress: bool) -> _SFTResult:
-    """Supervised warm-up on a deterministic stream of training problems, stopped at ``target_accuracy``."""
+def _sft(model: CausalLM, tokenizer: Any, recipe: TinyRecipe, progress: bool, *, mixed: bool) -> _SFTResult:
+    """Supervised warm-up on a deterministic stream of training problems, stopped at ``target_accuracy``.
+    With ``mixed``, the training forward runs under bf16 autocast (float32 weights and optimizer); the
+    validation that decides the stop is float32."""
     from tqdm import tqdm
 
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
@@ -425,7 +433,8 @@ def _sft(model: CausalLM, tokenizer: Any, recipe: TinyRecipe, progress: bool) ->
         batch = _sft_batch(tokenizer, [next(stream) for _ in range(recipe.batch_size)], eos_id, pad_id)
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * _lr_factor(step, recipe)
-        loss = _sft_loss(model, batch)
+        with torch.autocast("cpu", torch.bfloat16, enabled=mixed):
+            loss = _sft_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -457,7 +466,8 @@ def build_tiny_model(recipe: TinyRecipe, out_dir: Path, *, progress: bool = Fals
         torch.manual_seed(recipe.seed)
         model = _make_model(recipe, tokenizer)
         sft_start = time.perf_counter()
-        result = _sft(model, tokenizer, recipe, progress)
+        mixed = kernels.mixed_precision_wins(recipe.hidden_size, recipe.intermediate_size)
+        result = _sft(model, tokenizer, recipe, progress, mixed=mixed)
     losses = result.losses
     sft_seconds = time.perf_counter() - sft_start
 
@@ -476,6 +486,7 @@ def build_tiny_model(recipe: TinyRecipe, out_dir: Path, *, progress: bool = Fals
         # With zero SFT steps there is no loss to report.
         final_loss=sum(tail) / len(tail) if losses else float("nan"),
         steps=len(losses),
+        precision="bf16-mixed" if mixed else "float32",
         val_accuracy=result.val_accuracy,
         num_parameters=sum(p.numel() for p in model.parameters()),
         vocab_size=len(tokenizer),
@@ -560,7 +571,8 @@ def ensure_tiny_model(
         if progress:
             print(
                 f"dapo: tiny model built in {report.seconds:.0f} s "
-                f"({report.num_parameters / 1e6:.2f} M parameters, final SFT loss {report.final_loss:.3f})",
+                f"({report.num_parameters / 1e6:.2f} M parameters, {report.steps} warm-up steps in "
+                f"{report.precision}, final SFT loss {report.final_loss:.3f})",
                 file=sys.stderr,
             )
     return final
