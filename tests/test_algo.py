@@ -412,6 +412,22 @@ def test_gspo_sequence_ratio_hand_values() -> None:
     assert_close(lp.grad, torch.tensor([[0.707107, 0.707107, 0.0]]), atol=1e-5, rtol=0)
 
 
+def test_gspo_counts_clipped_responses() -> None:
+    # response 0: token log-ratios [ln 2, 0] -> s = √2 (clipped above with A > 0); response 1: three of
+    # ln 1.1 -> s = 1.1, inside [0.8, 1.28]. Tokens clipped: 2 of 5; responses clipped: 1 of 2.
+    ln = math.log
+    lp = torch.tensor([[ln(0.5), ln(0.2), 0.0], [ln(0.11), ln(0.22), ln(0.33)]])
+    old = torch.tensor([[ln(0.25), ln(0.2), 0.0], [ln(0.1), ln(0.2), ln(0.3)]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    out = policy_loss(lp, old, torch.ones(2), mask, eps_low=0.2, eps_high=0.28, sequence_ratio=True)
+    assert out.clipped_sequences.item() == 1.0
+    assert_close(out.clip_frac_upper, torch.tensor(0.4))
+    # the advantage's sign decides: with A < 0 an upper excursion is not clipped
+    assert policy_loss(lp, old, -torch.ones(2), mask, sequence_ratio=True).clipped_sequences.item() == 0.0
+    token_level = policy_loss(lp, old, torch.ones(2), mask)
+    assert token_level.clipped_sequences.item() == 0.0  # not counted at the token level
+
+
 def test_rollout_is_weights_per_token_and_per_response_truncated_and_masked() -> None:
     # token ratios π_trainer / π_rollout: row 0 [2, 1, (pad)], row 1 [0.5, 1, 2]; responses' products 2 and 1
     ln = math.log

@@ -355,18 +355,40 @@ def test_async_resume_after_killing_the_driver_is_bit_identical(
     assert_equal_weights(final_weights(tmp_path / "driver"), async_reference["weights"])
 
 
+OBJECTIVES = {
+    "dapo": [],
+    # CISPO with RLOO's baseline and sequence-level masked importance sampling against the worker's log-probs
+    "cispo-rloo-seq-is": [
+        "algorithm.policy_loss=cispo", "algorithm.eps_low=1.0", "algorithm.dual_clip_c=null",
+        "algorithm.advantage=rloo", "algorithm.rollout_is_cap=2.0", "algorithm.rollout_is_level=sequence",
+        "algorithm.rollout_is_mode=mask",
+    ],
+    # GSPO with REINFORCE++'s batch-normalised baseline
+    "gspo-reinforce++": [
+        "algorithm.ratio_level=sequence", "algorithm.eps_low=0.0003", "algorithm.eps_high=0.0004",
+        "algorithm.loss_aggregation=seq-mean-token-mean", "algorithm.dual_clip_c=null",
+        "algorithm.advantage=reinforce_plus_plus",
+    ],
+}  # fmt: skip
+"""The objectives (`algorithm.*`) run in Ray mode as in one process (the same code)."""
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
 def test_one_worker_samples_and_trains_what_one_process_does(
-    ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_address: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, objective: str
 ) -> None:
     """1 trainer rank + 1 rollout worker: the round's seed is the worker's, the update the single-process
-    one, so the run ends with the local run's weights bit for bit. The kernels are forced (the driver's
-    DAPO_KERNELS reaches the actors): the trainer rank runs 1 thread where the local run has 2, and each
-    thread count times its own kernel choices, which may differ (oneDNN and ATen agree to rounding only)."""
+    one, so the run ends with the local run's weights bit for bit, for DAPO and for the other objectives.
+    The kernels are forced (the driver's DAPO_KERNELS reaches the actors): the trainer rank runs 1 thread
+    where the local run has 2, and each thread count times its own kernel choices, which may differ (oneDNN
+    and ATen agree to rounding only)."""
     monkeypatch.setenv(kernels.ENV, "precision=model,linear=aten,inference=aten,attention=float32")
-    local = load_config(None, [*SHORT, f"trainer.output_dir={tmp_path}", "trainer.run_name=local"])
-    assert_equal_weights(
-        final_weights(ray_run(tmp_path, "ray", "rollout.num_workers=1")), final_weights(train(local).run_dir)
-    )
+    settings = OBJECTIVES[objective]
+    local = load_config(None, [*SHORT, *settings, f"trainer.output_dir={tmp_path}", "trainer.run_name=local"])
+    ray_dir = ray_run(tmp_path, "ray", "rollout.num_workers=1", *settings)
+    assert_equal_weights(final_weights(ray_dir), final_weights(train(local).run_dir))
+    if objective.startswith("gspo"):
+        assert all(0 <= r["actor/seq_clip_frac"] <= 1 for r in metrics(ray_dir) if "actor/updates" in r)
 
 
 def test_the_default_recipe_learns_in_ray_mode(ray_address: str, tmp_path: Path) -> None:

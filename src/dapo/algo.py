@@ -165,6 +165,7 @@ class PolicyLoss:
     dual_clip_frac: Tensor  # fraction of valid tokens with A < 0 and the dual-clip cap active
     approx_kl: Tensor  # k3 estimate of KL(π_old ‖ π_θ), mean over valid tokens
     ratio_mean: Tensor  # mean of r = π_θ / π_old over valid tokens
+    clipped_sequences: Tensor  # with a sequence-level ratio (GSPO): responses clipped (count); else 0
 
 
 def policy_loss(
@@ -184,7 +185,9 @@ def policy_loss(
     ``sequence_ratio`` (GSPO, Zheng et al. 2025, arXiv 2507.18071): every token of response i takes the
     sequence's ratio s_i = exp(1/|o_i| · Σ_t log r_t), the geometric mean of its token ratios, so a whole
     response is clipped or not (GSPO's ranges are of order 3e-4 / 4e-4); aggregate with
-    ``seq-mean-token-mean`` for GSPO's mean over responses.
+    ``seq-mean-token-mean`` for GSPO's mean over responses. ``clipped_sequences`` then counts the responses
+    clipped where the clip acts (A > 0 above 1 + eps_high, A < 0 below 1 − eps_low): over the number of
+    responses, GSPO's clip fraction.
 
     loss_t = −min(r_t·A, clip(r_t, 1 − eps_low, 1 + eps_high)·A) with r_t = exp(logprobs − old_logprobs).
     With ``dual_clip_c`` = c > 1 (reference scripts: 10), tokens with A < 0 are further capped: loss_t ≤ −c·A.
@@ -225,6 +228,7 @@ def policy_loss(
         lower = (adv < 0) & (ratio < 1.0 - eps_low)  # [B, T]
         dual = (adv < 0) & (ratio > dual_clip_c) if dual_clip_c is not None else torch.zeros_like(valid)
         k3 = (ratio - 1.0) - log_ratio  # [B, T]
+        zero_count = torch.zeros((), device=logprobs.device)
         return PolicyLoss(
             token_loss=token_loss,
             clip_frac_upper=masked_mean(upper.float(), valid),
@@ -232,6 +236,8 @@ def policy_loss(
             dual_clip_frac=masked_mean(dual.float(), valid),
             approx_kl=masked_mean(k3.float(), valid),
             ratio_mean=masked_mean(ratio.float(), valid),
+            # every token of a response holds its sequence's ratio: a response is clipped where any token is
+            clipped_sequences=(upper | lower).any(1).sum().float() if sequence_ratio else zero_count,
         )
 
 
@@ -277,6 +283,7 @@ def cispo_loss(
             dual_clip_frac=torch.zeros((), device=logprobs.device),
             approx_kl=masked_mean(((ratio - 1.0) - log_ratio).float(), valid),
             ratio_mean=masked_mean(ratio.float(), valid),
+            clipped_sequences=torch.zeros((), device=logprobs.device),
         )
 
 

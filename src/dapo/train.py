@@ -320,6 +320,7 @@ class Actor:
         self.model.train()
         sums = dict.fromkeys(_STAT_KEYS, 0.0)  # token-weighted sums of this rank's micro-batch statistics
         tokens_seen, pg_loss = 0.0, 0.0
+        clipped_sequences, responses = 0.0, 0.0  # counts of this rank's micro-batches (GSPO's clip fraction)
         grad_norms: list[float] = []
         skipped = 0
         n = len(batch)
@@ -342,6 +343,8 @@ class Actor:
                         loss.backward()
                         loss_total += float(loss.detach())
                         w = stats.pop("tokens")
+                        clipped_sequences += stats.pop("clipped_sequences")
+                        responses += stats.pop("responses")
                         if w > 0:
                             tokens_seen += w
                             for k, v in stats.items():
@@ -368,10 +371,13 @@ class Actor:
             # the schedule counts training steps, also one whose updates were all skipped (torch warns then)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
-        totals = self.world.sum([tokens_seen, *sums.values()])
-        tokens_seen, sums = totals[0], dict(zip(sums, totals[1:], strict=True))
+        totals = self.world.sum([tokens_seen, clipped_sequences, responses, *sums.values()])
+        tokens_seen, clipped_sequences, responses = totals[:3]
+        sums = dict(zip(sums, totals[3:], strict=True))
         updates = len(grad_norms)
         metrics = {f"actor/{k}": v / max(tokens_seen, 1.0) for k, v in sums.items()}
+        if self.algorithm.ratio_level == "sequence":  # GSPO's clip fraction: of the responses
+            metrics["actor/seq_clip_frac"] = clipped_sequences / max(responses, 1.0)
         metrics["actor/pg_loss"] = pg_loss / max(updates, 1)
         metrics["actor/grad_norm"] = sum(grad_norms) / max(updates, 1)
         metrics["actor/lr"] = float(lr)
@@ -419,6 +425,8 @@ class Actor:
                 "dual_clip_frac": float(out.dual_clip_frac),
                 "approx_kl": float(out.approx_kl),
                 "ratio_mean": float(out.ratio_mean),
+                "clipped_sequences": float(out.clipped_sequences),
+                "responses": float(mask.bool().any(1).sum()),
             }
         return loss, metrics
 
