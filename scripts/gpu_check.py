@@ -8,7 +8,9 @@ built here). Run from the repository root: ``python scripts/gpu_check.py [--out 
    memory held between updates (`actor.offload=optimizer` moves AdamW's states to the host).
 2. generation: the native engine's bf16 sampling against transformers' `generate` on the same random
    Qwen2.5-0.5B-shaped weights and prompts (tokens/s, every row decoding the full budget).
-3. torchrun: `torchrun --nproc-per-node 1 -m dapo train` (NCCL; the policy loaded sharded,
+3. engine: the native engine's CUDA peak for one round of 64 rows × 2,560 tokens, with no KV budget and
+   with `rollout.kv_cache_gib=0.5`, against the planner's `engine_memory` (weights + KV cache + workspace).
+4. torchrun: `torchrun --nproc-per-node 1 -m dapo train` (NCCL; the policy loaded sharded,
    `distributed.load_sharded`) for 2 steps with checkpoints, then resumed to 4 steps (`--resume auto`), on a
    random model with the built-in task's tokenizer.
 
@@ -201,6 +203,65 @@ def generation_check(prompts: int = 128, prompt_len: int = 128, new: int = 256) 
     return row
 
 
+ENGINE_ROUND = {"prompts": 8, "n": 8, "prompt": 512, "response": 2048}
+"""The engine-peak part's round: 64 rows of 2,560 tokens (a random model never stops: all full length)."""
+
+
+def engine_peak_check(budgets_gib: tuple[float, ...] = (0.0, 0.5)) -> list[dict[str, Any]]:
+    """The native engine's peak on the GPU (`torch.cuda.max_memory_allocated`, the weights included) for one
+    round of `ENGINE_ROUND` on a random Qwen2.5-0.5B-shaped bf16 model, with no KV budget and with
+    `rollout.kv_cache_gib` = each of ``budgets_gib``, against `dapo.plan.engine_memory` (target: ±15%)."""
+    from dapo.plan import engine_memory
+    from dapo.rollout.base import SamplingParams
+    from dapo.rollout.native import NativeEngine
+
+    args, _ = model_shape("qwen2.5-0.5b")
+    assert args is not None
+    r = dict(ENGINE_ROUND)
+    if SMOKE:
+        args = dataclasses.replace(args, **SMOKE_SHAPE)
+        r |= {"prompts": 2, "n": 2, "prompt": 8, "response": 8}
+    gen = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(1, args.vocab_size, (r["prompt"],), generator=gen).tolist() for _ in range(r["prompts"])
+    ]
+    rows = []
+    for budget in budgets_gib:
+        if not SMOKE:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        torch.manual_seed(0)
+        with DEV:
+            model = CausalLM(args).to(torch.bfloat16).requires_grad_(False)
+        engine = NativeEngine(model, pad_token_id=0, kv_budget_bytes=budget * GIB or None)
+        sync()
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, SamplingParams(n=r["n"], max_tokens=r["response"], seed=0))
+        sync()
+        seconds = time.perf_counter() - t0
+        peak = 1 if SMOKE else torch.cuda.max_memory_allocated()
+        cfg = Config()
+        cfg.model.dtype = "bfloat16"
+        cfg.data.max_prompt_length, cfg.rollout.max_response_length = r["prompt"], r["response"]
+        cfg.rollout.n, cfg.rollout.kv_cache_gib = r["n"], budget
+        plan = engine_memory(cfg, args, r["prompts"], cuda=True)
+        planned = plan.weights + plan.kv_cache + plan.workspace
+        rows.append(
+            {
+                "kv_cache_gib": budget or None,
+                "rows_in_flight": plan.in_flight,
+                "seconds": seconds,
+                "tokens": sum(len(c.token_ids) for c in out),
+                "peak_gib": peak / GIB,
+                "planned_gib": planned / GIB,
+                "planned_over_measured": planned / peak,
+            }
+        )
+        print(rows[-1], flush=True)
+        del engine, model
+    return rows
+
+
 def torchrun_check(out: Path) -> dict[str, Any]:
     from dapo.models.tiny import TinyRecipe, _make_model, build_tiny_tokenizer
 
@@ -252,7 +313,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("runs/gpu-check"))
-    parser.add_argument("--parts", default="update,generation,torchrun")
+    parser.add_argument("--parts", default="update,generation,engine,torchrun")
     parser.add_argument("--update-shape", default="qwen2.5-1.5b", help="a name of dapo.plan.KNOWN_SHAPES")
     parser.add_argument("--update-tokens", default="1024,15360", help="prompt,response tokens of the update")
     args = parser.parse_args()
@@ -271,6 +332,7 @@ def main() -> int:
     checks = {
         "update": lambda: update_check(args.update_shape, *map(int, args.update_tokens.split(","))),
         "generation": generation_check,
+        "engine": engine_peak_check,
         "torchrun": lambda: torchrun_check(args.out),
     }
     for part in parts:
