@@ -151,6 +151,18 @@ def test_policy_loss_decoupled_clip_hand_values() -> None:
     assert_close(lp.grad, torch.tensor([[0.0, -0.60653, 0.0, -1.22140, 1.0]]), atol=1e-5, rtol=0)
 
 
+def test_the_old_probability_of_upper_clipped_tokens_is_summed() -> None:
+    # π_old 0.1, 0.5, 0.4; ratios 2, 2, 1 with A > 0: tokens 0 and 1 are clipped above (1.28), token 2 not
+    ln = math.log
+    old = torch.tensor([[ln(0.1), ln(0.5), ln(0.4)]])
+    lp = torch.tensor([[ln(0.2), ln(1.0), ln(0.4)]])
+    mask = torch.ones(1, 3)
+    for loss in (policy_loss, cispo_loss):
+        out = loss(lp, old, torch.ones(1), mask)
+        assert out.upper_old_prob.item() == pytest.approx(0.6), loss  # 0.1 + 0.5: mean 0.3 over 2 tokens
+        assert out.clip_frac_upper.item() == pytest.approx(2 / 3), loss
+
+
 def test_policy_loss_symmetric_clip_is_grpo() -> None:
     # r = e^0.2 = 1.2214, A=+1: DAPO's eps_high 0.28 leaves it unclipped (-1.2214); GRPO's 0.2 clips it at 1.2
     _, dapo = _loss([0.2], [1.0])

@@ -8,7 +8,15 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from dapo.collect import AheadCollector, Collected, Collector, CollectSettings, Group, make_train_batch
+from dapo.collect import (
+    AheadCollector,
+    Collected,
+    Collector,
+    CollectSettings,
+    Group,
+    make_train_batch,
+    response_metrics,
+)
 from dapo.data import PromptSampler
 from dapo.rewards import RewardPool
 from dapo.rollout.base import Completion, SamplingParams
@@ -268,3 +276,23 @@ def test_a_stop_abandons_the_ahead_collection_and_the_checkpoint_resumes_before_
         pass  # the update finishes; the stop came during it
     assert time.monotonic() - t0 < 5
     assert ahead.pending is None and ahead.state_dict() == {"position": 0}
+
+
+def test_response_metrics_by_hand() -> None:
+    """Group a: correct [1, 2] twice (1 distinct), wrong [7] * 20 (a loop); group b: all wrong, lengths 3
+    and 5. Correct lengths 2, 2; wrong 20, 3, 5; 1 of 5 responses loops; 1 of 2 groups solved."""
+    loop = [7] * 20
+    a = Group(0, "s", [1], [[1, 2], [1, 2], loop], [[0.0] * 2, [0.0] * 2, [0.0] * 20], [False] * 3,
+              [True, True, False], [1.0, 1.0, -1.0], 1)  # fmt: skip
+    b = Group(1, "s", [1], [[3, 4, 5], [3, 4, 5, 6, 7]], [[0.0] * 3, [0.0] * 5], [False] * 2, [False, False],
+              [-1.0, -1.0], 1)  # fmt: skip
+    m = response_metrics([a, b])
+    assert m == {
+        "rollout/loop_frac": 1 / 5,
+        "rollout/pass_at_1": 2 / 5,
+        "rollout/pass_at_n": 1 / 2,
+        "rollout/correct_length_mean": 2.0,
+        "rollout/distinct_correct": 1.0,
+        "rollout/wrong_length_mean": 28 / 3,
+    }
+    assert "rollout/correct_length_mean" not in response_metrics([b])  # no correct response: left out

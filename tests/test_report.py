@@ -37,7 +37,10 @@ def train_row(step: int, **over: float) -> dict[str, float]:
         "rollout/response_length_mean": 20.0 + step, "rollout/response_length_max": 30.0 + step,
         "rollout/truncated_frac": 0.0, "rollout/responses": 256.0, "rollout/tokens": 5000.0,
         "time/generate_s": 0.5, "time/score_s": 0.01, "time/update_s": 1.0, "time/step_s": 1.6 + step / 100,
-        "perf/tokens_per_s": 3000.0,
+        "perf/tokens_per_s": 3000.0, "actor/entropy_top20": 1.5, "actor/cov_logp_adv": 0.01,
+        "actor/clip_upper_old_prob": 0.15, "actor/seq_clip_frac": 0.1, "rollout/pass_at_1": 0.4,
+        "rollout/pass_at_n": 0.8, "rollout/distinct_correct": 2.0, "rollout/correct_length_mean": 20.0,
+        "rollout/wrong_length_mean": 25.0, "rollout/loop_frac": 0.0,
     }  # fmt: skip
     row.update(over)
     return row

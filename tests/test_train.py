@@ -70,7 +70,7 @@ class PerMicroBatchNormalisedActor(Actor):
 
     def _micro_loss(
         self, mb: TrainBatch, denominator: float, **kw: Any
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         share = float(mb.response_mask.sum()) / denominator  # fraction of the mini-batch's tokens in this one
         n_micro = -(-self.cfg.mini_batch_size // self.cfg.micro_batch_size)
         return super()._micro_loss(mb, denominator * share * n_micro, **kw)
@@ -359,7 +359,7 @@ def test_bf16_mixed_keeps_float32_masters_and_matches_the_float32_update() -> No
     grads, losses = {}, {}
     for name, actor in actors.items():
         mb = batch.rows(slice(0, 8))
-        loss, _ = actor._micro_loss(mb, float(mb.response_mask.sum()))
+        loss, _, _ = actor._micro_loss(mb, float(mb.response_mask.sum()))
         loss.backward()
         losses[name] = float(loss.detach())
         grads[name] = torch.cat([p.grad.flatten() for p in actor.model.parameters() if p.grad is not None])
@@ -376,6 +376,24 @@ def test_bf16_mixed_keeps_float32_masters_and_matches_the_float32_update() -> No
     assert len(state) == 2 * len(list(mixed.parameters())) and all(t.dtype == torch.float32 for t in state)
     moved = (after["model"] - before).sign() == (after["bf16-mixed"] - before).sign()
     assert moved.float().mean() >= 0.95
+
+
+def test_the_effect_metrics_do_not_depend_on_the_micro_batch_split() -> None:
+    """`actor/entropy_top20` (from histograms summed over micro-batches) and `actor/clip_upper_old_prob`
+    are the same for any micro-batch size; the top 20% hold more entropy than the mean token."""
+    base, batch = tiny_model(), random_batch()
+    batch.old_logprobs = -10.0 * batch.response_mask  # π_old = e^-10: every ratio far above 1 + eps_high
+    batch.advantages = batch.advantages.abs()
+    metrics = {}
+    for micro in (1, 4):
+        model = tiny_model()
+        model.load_state_dict(base.state_dict())
+        metrics[micro] = make_actor(model, micro).update(dataclasses.replace(batch))
+    for key in ("actor/entropy_top20", "actor/clip_upper_old_prob", "actor/entropy"):
+        assert metrics[1][key] == pytest.approx(metrics[4][key], rel=1e-5), key
+    assert metrics[4]["actor/entropy_top20"] > metrics[4]["actor/entropy"]
+    assert metrics[4]["actor/clip_frac_upper"] == 1.0  # A > 0 everywhere: every token is clipped above
+    assert metrics[4]["actor/clip_upper_old_prob"] == pytest.approx(math.exp(-10.0), rel=1e-5)
 
 
 def test_bf16_mixed_needs_float32_parameters() -> None:

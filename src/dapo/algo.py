@@ -166,6 +166,7 @@ class PolicyLoss:
     approx_kl: Tensor  # k3 estimate of KL(π_old ‖ π_θ), mean over valid tokens
     ratio_mean: Tensor  # mean of r = π_θ / π_old over valid tokens
     clipped_sequences: Tensor  # with a sequence-level ratio (GSPO): responses clipped (count); else 0
+    upper_old_prob: Tensor  # sum of π_old over the tokens counted in clip_frac_upper
 
 
 def policy_loss(
@@ -238,6 +239,7 @@ def policy_loss(
             ratio_mean=masked_mean(ratio.float(), valid),
             # every token of a response holds its sequence's ratio: a response is clipped where any token is
             clipped_sequences=(upper | lower).any(1).sum().float() if sequence_ratio else zero_count,
+            upper_old_prob=torch.where(upper, old_logprobs.detach().float().exp(), 0.0).sum(),
         )
 
 
@@ -284,6 +286,7 @@ def cispo_loss(
             approx_kl=masked_mean(((ratio - 1.0) - log_ratio).float(), valid),
             ratio_mean=masked_mean(ratio.float(), valid),
             clipped_sequences=torch.zeros((), device=logprobs.device),
+            upper_old_prob=torch.where(valid & (ratio > 1.0 + eps_high), old_logprobs.exp(), 0.0).sum(),
         )
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from dapo import algo, preempt
+from dapo import algo, diagnostics, preempt
 from dapo.data.sampler import PromptSampler
 from dapo.rewards import ScoreBatch
 from dapo.rollout.base import Completion, RolloutEngine, SamplingParams
@@ -264,6 +264,7 @@ class Collector:
             m["rollout/truncated_frac"] = sum(t for g in generated for t in g.truncated) / len(lengths)
             m["rollout/responses"] = float(len(lengths))
             m["rollout/tokens"] = float(sum(lengths))
+            m.update(response_metrics(generated))
         if batch:
             rewards = [r for g in batch for r in g.rewards]
             m["reward/mean"] = sum(rewards) / len(rewards)
@@ -284,6 +285,32 @@ class Collector:
         self.generated_estimate = float(state["generated_estimate"])
         self.kept_estimate = float(state["kept_estimate"])
         self.sampler.load_state_dict(state["sampler"])
+
+
+def response_metrics(groups: Sequence[Group]) -> dict[str, float]:
+    """What the step's generated responses (before the filter) show of DAPO's effects: the mean length of
+    correct and of wrong responses (`rollout/correct_length_mean`, `rollout/wrong_length_mean`; a side with
+    no response is left out), the fraction that ends in a repetition loop (`rollout/loop_frac`,
+    `diagnostics.loops`), the mean number of distinct correct responses in a group with one
+    (`rollout/distinct_correct`), and the groups' pass@1 and pass@n (`rollout/pass_at_1`,
+    `rollout/pass_at_n`: at least one of the n correct)."""
+    correct = [len(r) for g in groups for r, ok in zip(g.responses, g.acc, strict=True) if ok]
+    wrong = [len(r) for g in groups for r, ok in zip(g.responses, g.acc, strict=True) if not ok]
+    solved = [g for g in groups if g.num_correct > 0]
+    responses = max(len(correct) + len(wrong), 1)
+    m = {
+        "rollout/loop_frac": sum(diagnostics.loops(r) for g in groups for r in g.responses) / responses,
+        "rollout/pass_at_1": len(correct) / responses,
+        "rollout/pass_at_n": len(solved) / max(len(groups), 1),
+    }
+    if correct:
+        m["rollout/correct_length_mean"] = sum(correct) / len(correct)
+        m["rollout/distinct_correct"] = sum(
+            diagnostics.distinct_correct(g.responses, g.acc) for g in solved
+        ) / len(solved)
+    if wrong:
+        m["rollout/wrong_length_mean"] = sum(wrong) / len(wrong)
+    return m
 
 
 def make_train_batch(

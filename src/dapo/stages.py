@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dapo import algo, distributed
+from dapo import algo, diagnostics, distributed
 from dapo.backends.base import PolicyUpdater
 from dapo.checkpoint import restore_rng
 from dapo.collect import AheadCollector, Collector, CollectSettings, Group, Scorer, make_train_batch
@@ -85,6 +85,10 @@ def update_policy(cfg: Config, actor: PolicyUpdater, groups: list[Group], tokeni
         algo.mismatch_kl(batch.rollout_logprobs, batch.old_logprobs, batch.response_mask)
     )
     metrics.update(mismatch_ratio_metrics(cfg, batch))
+    # what drives entropy down (ΔH ≈ −Cov(log π, A)): positive when likely tokens get positive advantages
+    metrics["actor/cov_logp_adv"] = diagnostics.token_covariance(
+        batch.old_logprobs, batch.advantages, batch.response_mask
+    )
     return metrics
 
 

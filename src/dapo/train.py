@@ -40,7 +40,7 @@ from typing import Protocol, cast
 import torch
 from torch import Tensor, nn
 
-from dapo import algo
+from dapo import algo, diagnostics
 from dapo.config import ActorConfig, AlgorithmConfig
 from dapo.distributed import World, shard_range
 
@@ -182,6 +182,8 @@ class Actor:
         self.max_response_length = max_response_length
         self.aggregation = algo.LossAggregation(algorithm.loss_aggregation)
         self.policy_loss = algo.cispo_loss if algorithm.policy_loss == "cispo" else algo.policy_loss
+        # the largest entropy a token can have is the log of this
+        self.lm_head_vocab = int(cast(ResponseModel, model).lm_head_weight.shape[0])
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.precision == "bf16-mixed" and any(p.dtype != torch.float32 for p in params):
             raise ValueError("actor.precision=bf16-mixed needs float32 parameters (the master weights)")
@@ -321,6 +323,8 @@ class Actor:
         sums = dict.fromkeys(_STAT_KEYS, 0.0)  # token-weighted sums of this rank's micro-batch statistics
         tokens_seen, pg_loss = 0.0, 0.0
         clipped_sequences, responses = 0.0, 0.0  # counts of this rank's micro-batches (GSPO's clip fraction)
+        upper_old_prob, upper_tokens = 0.0, 0.0  # π_old summed over the upper-clipped tokens, their count
+        entropy_hist = torch.zeros(2, diagnostics.ENTROPY_BINS, dtype=torch.float64)  # counts, sums
         grad_norms: list[float] = []
         skipped = 0
         n = len(batch)
@@ -339,12 +343,15 @@ class Actor:
                 with self._casts_kept():
                     for lo, mb in self._micro_batches(batch, rows, plan, count):
                         fill = batch.old_logprobs if 0 <= lo < on_policy_rows else None
-                        loss, stats = self._micro_loss(mb, denom, fill_old=fill, row=lo)
+                        loss, stats, hist = self._micro_loss(mb, denom, fill_old=fill, row=lo)
+                        entropy_hist += hist.cpu()
                         loss.backward()
                         loss_total += float(loss.detach())
                         w = stats.pop("tokens")
                         clipped_sequences += stats.pop("clipped_sequences")
                         responses += stats.pop("responses")
+                        upper_old_prob += stats.pop("upper_old_prob")
+                        upper_tokens += stats["clip_frac_upper"] * w
                         if w > 0:
                             tokens_seen += w
                             for k, v in stats.items():
@@ -371,11 +378,17 @@ class Actor:
             # the schedule counts training steps, also one whose updates were all skipped (torch warns then)
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             self.scheduler.step()
-        totals = self.world.sum([tokens_seen, clipped_sequences, responses, *sums.values()])
-        tokens_seen, clipped_sequences, responses = totals[:3]
-        sums = dict(zip(sums, totals[3:], strict=True))
+        counts = [tokens_seen, clipped_sequences, responses, upper_old_prob, upper_tokens]
+        totals = self.world.sum([*counts, *sums.values()])
+        tokens_seen, clipped_sequences, responses, upper_old_prob, upper_tokens = totals[: len(counts)]
+        sums = dict(zip(sums, totals[len(counts) :], strict=True))
+        entropy_hist = self.world.sum_tensor(entropy_hist)
         updates = len(grad_norms)
         metrics = {f"actor/{k}": v / max(tokens_seen, 1.0) for k, v in sums.items()}
+        # the entropy of the forking tokens, and how likely the tokens that Clip-Higher lets rise were
+        metrics["actor/entropy_top20"] = diagnostics.top_fraction_mean(entropy_hist, 0.2)
+        if upper_tokens > 0:
+            metrics["actor/clip_upper_old_prob"] = upper_old_prob / upper_tokens
         if self.algorithm.ratio_level == "sequence":  # GSPO's clip fraction: of the responses
             metrics["actor/seq_clip_frac"] = clipped_sequences / max(responses, 1.0)
         metrics["actor/pg_loss"] = pg_loss / max(updates, 1)
@@ -387,8 +400,9 @@ class Actor:
 
     def _micro_loss(
         self, mb: TrainBatch, denominator: float, *, fill_old: Tensor | None = None, row: int = 0
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The micro-batch's share of the mini-batch loss. With `fill_old` (the batch's old log-probs, rows
+    ) -> tuple[Tensor, dict[str, float], Tensor]:
+        """The micro-batch's share of the mini-batch loss, its statistics and its tokens' entropy histogram
+        (`diagnostics.entropy_histogram`). With `fill_old` (the batch's old log-probs, rows
         from `row` on), the micro-batch is on-policy: its old log-probs are this forward's, written there."""
         stats = self._token_stats(mb)
         mask = mb.response_mask
@@ -427,8 +441,10 @@ class Actor:
                 "ratio_mean": float(out.ratio_mean),
                 "clipped_sequences": float(out.clipped_sequences),
                 "responses": float(mask.bool().any(1).sum()),
+                "upper_old_prob": float(out.upper_old_prob),
             }
-        return loss, metrics
+            hist = diagnostics.entropy_histogram(stats.entropy, mask, self.lm_head_vocab)
+        return loss, metrics, hist
 
     def _optimizer_to(self, device: torch.device) -> None:
         """Move AdamW's state tensors (moments, step counts) to ``device``; a no-op where they are."""
