@@ -302,16 +302,26 @@ def test_row_streams_are_splitmix64_of_seed_prompt_sample_and_position() -> None
     assert torch.histc(u.float(), bins=10, min=0, max=1).sub(2_000).abs().max() < 250  # ~5.6 s.e. per bin
 
 
-def test_samples_do_not_depend_on_the_layout(native: CausalLM) -> None:
-    """The same seed samples the same tokens whether the round is one batch, chunks of 5 rows, chunks a KV
-    budget allows, or two shares (two ranks or rollout workers) keyed by where they start in the round."""
+def test_samples_do_not_depend_on_the_layout(native: CausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same seed samples the same tokens whether the round is one batch, 5 or 2 slots refilled as rows
+    finish (continuous batching, the cache's own slots moved back when full), the slots a KV budget allows,
+    or two shares (two ranks or rollout workers) keyed by where they start in the round."""
+    rebased: list[int] = []
+    real_rebase = native_module.KVCache.rebase
+
+    def rebase(self: Any, shift: int) -> None:
+        rebased.append(shift)
+        real_rebase(self, shift)
+
+    monkeypatch.setattr(native_module.KVCache, "rebase", rebase)
     sp = SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=5, stop_token_ids=(3,))
     whole = NativeEngine(native, pad_token_id=PAD).generate(PROMPTS, sp)
     assert len({tuple(c.token_ids) for c in whole}) > len(PROMPTS)  # sampled: a group's samples differ
     a = native.args
     budget = 2 * (12 + 12) * 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4  # 2 rows, fp32
     layouts = {
-        "chunks of 5": NativeEngine(native, pad_token_id=PAD, max_batch_size=5).generate(PROMPTS, sp),
+        "5 slots": NativeEngine(native, pad_token_id=PAD, max_batch_size=5).generate(PROMPTS, sp),
+        "2 slots": NativeEngine(native, pad_token_id=PAD, max_batch_size=2).generate(PROMPTS, sp),
         "KV budget": NativeEngine(native, pad_token_id=PAD, kv_budget_bytes=budget).generate(PROMPTS, sp),
     }
     from dapo.distributed import gather_shares, shard_requests
@@ -321,6 +331,7 @@ def test_samples_do_not_depend_on_the_layout(native: CausalLM) -> None:
     layouts["two shares"] = gather_shares(
         [(r, engine.generate(PROMPTS[r.start : r.stop], s)) for r, s in shares]
     )
+    assert rebased and min(rebased) > 0  # the slots' window filled up and moved back
     for name, got in layouts.items():
         assert [c.prompt_index for c in got] == [c.prompt_index for c in whole], name
         assert [c.token_ids for c in got] == [c.token_ids for c in whole], name
@@ -333,12 +344,14 @@ def test_samples_do_not_depend_on_the_layout(native: CausalLM) -> None:
 
 
 def test_a_kv_budget_bounds_the_cache_a_call_holds(native: CausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a budget of three full-length rows, no chunk allocates more KV cache than the budget."""
+    """With a budget of three full-length rows (two with the refill's slack, `continuous_window`), the
+    cache never holds more than the budget, as finished rows' slots take new rows."""
     a = native.args
     per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4
     budget = 3 * per_token * (12 + 10)
     sizes: list[int] = []
     real_init, real_share = native_module.KVCache.__init__, native_module.KVCache.share_prefix
+    real_extend = native_module.KVCache.extend
 
     def size(cache: Any) -> int:
         prefix = (
@@ -356,13 +369,23 @@ def test_a_kv_budget_bounds_the_cache_a_call_holds(native: CausalLM, monkeypatch
         real_share(self, *args)
         sizes.append(size(self))
 
+    extended: list[int] = []
+
+    def extend(self: Any, *args: Any) -> None:
+        real_extend(self, *args)
+        sizes.append(size(self))
+        extended.append(self.batch_size)
+
     monkeypatch.setattr(native_module.KVCache, "__init__", init)
     monkeypatch.setattr(native_module.KVCache, "share_prefix", share)
+    monkeypatch.setattr(native_module.KVCache, "extend", extend)
     engine = NativeEngine(native, pad_token_id=PAD, kv_budget_bytes=budget)
-    sp = SamplingParams(n=4, max_tokens=10, seed=0)
-    assert engine.rows_per_chunk(PROMPTS, sp) == 3
+    sp = SamplingParams(n=4, max_tokens=10, seed=0, stop_token_ids=tuple(range(1, 128, 8)))  # varied lengths
+    assert native_module.continuous_window(10) == 18
+    assert engine.rows_per_chunk(PROMPTS, sp) == 2  # 12 + 18 slots per row
     got = engine.generate(PROMPTS, sp)
-    assert len(got) == 16 and len(sizes) >= 16 // 3
+    assert len({len(c.token_ids) for c in got}) > 3
+    assert len(got) == 16 and len(extended) >= 3 and max(extended) <= 2  # refilled, never above 2 rows
     assert max(sizes) <= budget, (max(sizes), budget)
     with pytest.raises(ValueError, match="kv_budget_bytes"):
         NativeEngine(native, pad_token_id=PAD, kv_budget_bytes=0)

@@ -280,7 +280,8 @@ class EngineMemory:
 def engine_memory(cfg: Config, a: ModelArgs, prompts: int, *, cuda: bool, tp: int = 1) -> EngineMemory:
     """An engine that decodes ``prompts`` x G rows per round, per device of its ``tp``. Weights: the full
     model at the model dtype. The native engine keeps at most `rollout.max_batch_size` rows at once and at
-    most what `rollout.kv_cache_gib` holds at full length (`NativeEngine.rows_per_chunk`); its workspace is
+    most what `rollout.kv_cache_gib` holds at full length, each row's own slots with the refill's slack when
+    the round has more rows (`NativeEngine.rows_per_chunk`, `continuous_window`); its workspace is
     one layer's prefill activations for the distinct prompts and a few float32 ``[rows x vocabulary]``
     sampling temporaries, and on CPU (``cuda`` false) with 16 rows or more a prepacked copy of the weights.
     vLLM's KV cache is `rollout.vllm.kv_cache_gib` per GPU, a pool allocated at start
@@ -296,11 +297,18 @@ def engine_memory(cfg: Config, a: ModelArgs, prompts: int, *, cuda: bool, tp: in
         in_flight = max(int(pool * tp // (tokens * kv_per_token)), 0)
         workspace = 8192 * per_token / tp + 256 * a.vocab_size * 4
         return EngineMemory(weights, pool, workspace, in_flight)
-    rows = prompts * cfg.rollout.n
+    from dapo.rollout.native import continuous_window
+
+    total = rows = prompts * cfg.rollout.n
     if cfg.rollout.max_batch_size:
         rows = min(rows, cfg.rollout.max_batch_size)
-    if cfg.rollout.kv_cache_gib:
-        rows = min(rows, max(1, int(cfg.rollout.kv_cache_gib * 2**30 // (tokens * kv_per_token))))
+    budget = cfg.rollout.kv_cache_gib * 2**30
+    if budget:
+        rows = min(rows, max(1, int(budget // (tokens * kv_per_token))))
+    if rows < total:  # continuous batching: each row's own slots have the refill's slack
+        tokens = prompt + continuous_window(cfg.rollout.max_response_length)
+        if budget:
+            rows = max(1, int(budget // (tokens * kv_per_token)))
     distinct = min(prompts, rows)
     workspace = distinct * prompt * per_token + 3 * rows * a.vocab_size * 4
     if not cuda and rows >= 16:  # weights prepacked for oneDNN (`CausalLM.packed_weights`): at most a copy

@@ -92,6 +92,76 @@ class KVCache:
         self.pos = self.pos.index_select(0, owners)
         self.length, self.max_len, self.padded = 0, max_len, False
 
+    def extend(self, prompts: KVCache | None, owners: Tensor) -> None:
+        """Add rows (continuous batching) that continue shared prompts: ``prompts`` holds new prompts' filled
+        slots (the shared prefix's width, no prefix of its own; None: no new prompt); new row i continues
+        prompt ``owners[i]`` (``[r]``, indices into the shared prompts followed by the new ones). The new
+        rows' own slots before the write cursor are masked out, so they attend to their prompt and then to
+        their own tokens only."""
+        prefix = self.prefix
+        if prefix is None:
+            raise ValueError("extend needs a cache with a shared prefix")
+        U, n, dev = prefix.k[0].shape[0], prefix.k[0].shape[2], self.pos.device
+        keys, values, valid, pos = prefix.k, prefix.v, prefix.valid, self._prompt_lengths()
+        if prompts is not None:
+            if prompts.prefix is not None or prompts.length != n:
+                raise ValueError(f"extend needs new prompts of the prefix's width {n}, got {prompts.length}")
+            keys = [torch.cat([a, b[:, :, :n]]) for a, b in zip(keys, prompts.k, strict=True)]
+            values = [torch.cat([a, b[:, :, :n]]) for a, b in zip(values, prompts.v, strict=True)]
+            if valid is not None or not bool(prompts.valid[:, :n].all()):
+                old = valid if valid is not None else torch.ones(U, n, dtype=torch.bool, device=dev)
+                valid = torch.cat([old, prompts.valid[:, :n]])
+            pos = torch.cat([pos, prompts.pos])
+        self.prefix = _Prefix.build(keys, values, valid, torch.cat([prefix.owner, owners]))
+        r, (_, H, L, D) = len(owners), self.k[0].shape
+        # zeros, not empty: the new rows' slots before the cursor are read (masked), and 0 x NaN is NaN
+        self.k = [torch.cat([k, k.new_zeros(r, H, L, D)]) for k in self.k]
+        self.v = [torch.cat([v, v.new_zeros(r, H, L, D)]) for v in self.v]
+        fresh = torch.ones(r, L, dtype=torch.bool, device=dev)
+        fresh[:, : self.length] = False
+        self.valid = torch.cat([self.valid, fresh])
+        self.pos = torch.cat([self.pos, pos.index_select(0, owners)])
+        self.padded = self.padded or self.length > 0
+
+    def _prompt_lengths(self) -> Tensor:
+        """``[U]`` the real tokens of each shared prompt (its rotary position count)."""
+        assert self.prefix is not None
+        U, n = self.prefix.k[0].shape[0], self.prefix.k[0].shape[2]
+        if self.prefix.valid is None:
+            return torch.full((U,), n, dtype=torch.long, device=self.pos.device)
+        return self.prefix.valid.sum(1)
+
+    def drop_prompts(self, keep: Tensor) -> None:
+        """Keep only the shared prompts ``keep`` (``[U']``, ascending; every row's prompt among them)."""
+        prefix = self.prefix
+        if prefix is None:
+            raise ValueError("the cache has no shared prefix")
+        remap = torch.full((prefix.k[0].shape[0],), -1, dtype=torch.long, device=keep.device)
+        remap[keep] = torch.arange(len(keep), device=keep.device)
+        owner = remap.index_select(0, prefix.owner)
+        if bool((owner < 0).any()):
+            raise ValueError("drop_prompts would drop a prompt that a row continues")
+        valid = None if prefix.valid is None else prefix.valid.index_select(0, keep)
+        self.prefix = _Prefix.build(
+            [k.index_select(0, keep) for k in prefix.k],
+            [v.index_select(0, keep) for v in prefix.v],
+            valid,
+            owner,
+        )
+
+    def rebase(self, shift: int) -> None:
+        """Move every row's own slots ``shift`` to the left (the first ``shift`` slots must be free or
+        masked for every row): the write cursor goes back by ``shift``, positions stay."""
+        if not 0 <= shift <= self.length:
+            raise ValueError(f"rebase by {shift} with {self.length} slots filled")
+        n = self.length - shift
+        for t in (*self.k, *self.v):
+            t[:, :, :n] = t[:, :, shift : self.length].clone()
+        self.valid[:, :n] = self.valid[:, shift : self.length].clone()
+        self.valid[:, n:] = True
+        self.length = n
+        self.padded = bool((~self.valid[:, :n]).any())
+
 
 @dataclass(frozen=True)
 class _Prefix:

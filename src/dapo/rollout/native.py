@@ -3,7 +3,7 @@
 The engine holds the policy module itself, so a weight update is visible to the next `generate`; on CPU
 each `generate` runs inside `CausalLM.packed_weights` (a copy of the linear weights in oneDNN's blocked
 layout, taken on entry: the decode matmuls no longer repack their weight on every call).
-Per chunk of at most ``max_batch_size`` sequences:
+When every row of a call fits at once (no ``max_batch_size`` or KV budget below the call's rows):
 
 1. prefill each distinct prompt once (left-padded, one batched forward); with n > 1 its keys and values
    become a prefix shared by its n samples (`KVCache.share_prefix`): encoded once, stored once, and read once
@@ -12,17 +12,26 @@ Per chunk of at most ``max_batch_size`` sequences:
 3. when a quarter of the active rows have produced a stop token, drop them from the batch (gather the
    cache rows of the others), so finished sequences stop costing compute.
 
+With fewer slots than rows (`_Continuous`, continuous batching), rows enter in order and, each time a
+quarter of the slots have finished, the finished rows leave and the next rows from the queue take their
+slots: their prompts join the shared prefix (prefilled then, or already there while an earlier sample of
+the prompt runs; `KVCache.extend`), their first tokens are sampled from the prompt's last logits, and they
+decode from the shared write cursor on, their earlier own slots masked out. Prompts no row continues leave
+the prefix (`KVCache.drop_prompts`); when the cursor reaches the end of the rows' own window
+(`continuous_window`: ``max_tokens`` plus a quarter), every row's slots move back to the oldest running
+row's start (`KVCache.rebase`).
+
 Samples do not depend on the layout: the uniform that picks row r's token at position t is a counter-based
 hash of (``SamplingParams.seed``, the row's prompt index in the round, its sample index, t) only
-(`row_streams`, `stream_uniforms`: splitmix64), never of which rows share a batch, a chunk or a rank. The same
-seed gives the same samples for any ``max_batch_size``, KV budget, compaction schedule, or split of the round
-into shares (``SamplingParams.first_prompt_index``), up to the last-bit differences batched kernels may make
-in the logits. On CPU the finished-ness check is a cheap host read done every step; on accelerators it is
-done every 8 steps to avoid stalling the device queue (``check_every``).
+(`row_streams`, `stream_uniforms`: splitmix64), never of which rows share a batch, a slot or a rank. The same
+seed gives the same samples for any ``max_batch_size``, KV budget, compaction or refill schedule, or split of
+the round into shares (``SamplingParams.first_prompt_index``), up to the last-bit differences batched kernels
+may make in the logits. On CPU the finished-ness check is a cheap host read done every step; on accelerators
+it is done every 8 steps to avoid stalling the device queue (``check_every``).
 
-Memory: ``kv_budget_bytes`` bounds the KV cache in flight: a call is decoded in chunks of at most as many rows
-as the budget holds at full length (each row counted with its whole prompt, though samples share theirs),
-and at most ``max_batch_size`` rows.
+Memory: ``kv_budget_bytes`` bounds the KV cache in flight: at most as many slots as the budget holds with
+every row at full length (its prompt counted whole, though samples share theirs, plus its own window), and
+at most ``max_batch_size``.
 
 Speed notes (2 CPU cores, tiny models, batch 64: see ``bench/rollout.py``): the decode step is bound by the
 matmuls and SDPA's attention kernel, not by Python. Sampling uses a two-level inverse CDF (one uniform per
@@ -100,14 +109,17 @@ class NativeEngine:
 
     def rows_per_chunk(self, prompts: list[list[int]], sp: SamplingParams) -> int:
         """Most rows decoded at once: ``max_batch_size``, and what the KV budget holds with every row at its
-        full length (its prompt, counted whole, plus ``max_tokens``)."""
-        rows = self.max_batch_size or len(prompts) * sp.n
+        full length (its prompt, counted whole, plus ``max_tokens``; with fewer rows than the call has,
+        plus the refill's slack, `continuous_window`)."""
+        total = len(prompts) * sp.n
+        rows = min(self.max_batch_size or total, total)
         if self.kv_budget_bytes is not None:
-            a = self.model.args
-            per_row = a.kv_bytes_per_token(self.dtype.itemsize) * (
-                max(len(p) for p in prompts) + sp.max_tokens
-            )
-            rows = min(rows, max(1, int(self.kv_budget_bytes // per_row)))
+            per_token = self.model.args.kv_bytes_per_token(self.dtype.itemsize)
+            width = max(len(p) for p in prompts)
+            rows = min(rows, max(1, int(self.kv_budget_bytes // (per_token * (width + sp.max_tokens)))))
+            if rows < total:
+                window = continuous_window(sp.max_tokens)
+                rows = max(1, int(self.kv_budget_bytes // (per_token * (width + window))))
         return rows
 
     def _sampler(self) -> CausalLM:
@@ -147,21 +159,19 @@ class NativeEngine:
         check_prompts(prompts, self.model.args.vocab_size)
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(2**62, ()).item())
         total, n = len(prompts) * sampling.n, sampling.n
-        chunk = self.rows_per_chunk(prompts, sampling)
-        out: list[Completion] = []
+        slots = self.rows_per_chunk(prompts, sampling)
         model = self._sampler()
-        with torch.inference_mode(), model.packed_weights(min(chunk, total)):
-            for start in range(0, total, chunk):
-                rows = range(start, min(start + chunk, total))
-                owners = [r // n for r in rows]
-                streams = row_streams(
-                    seed,
-                    [sampling.first_prompt_index + p for p in owners],
-                    [r % n for r in rows],
-                    self.device,
-                )
-                out.extend(self._generate_chunk(model, prompts, owners, sampling, streams))
-        return out
+        with torch.inference_mode(), model.packed_weights(min(slots, total)):
+            if slots < total:  # fewer slots than rows: finished rows' slots take the next rows
+                return _Continuous(self, model, prompts, sampling, seed, slots).run()
+            owners = [r // n for r in range(total)]
+            streams = row_streams(
+                seed,
+                [sampling.first_prompt_index + p for p in owners],
+                [r % n for r in range(total)],
+                self.device,
+            )
+            return self._generate_chunk(model, prompts, owners, sampling, streams)
 
     def _generate_chunk(
         self,
@@ -242,6 +252,153 @@ class NativeEngine:
             )
             for i in range(len(owners))
         ]
+
+
+def continuous_window(max_tokens: int) -> int:
+    """Own KV slots per row under continuous batching: ``max_tokens`` and a slack of a quarter of it (at
+    least 8). Rows join at the shared write cursor, so the cursor runs ahead of the oldest row's start; once
+    it reaches the window's end every row's slots move back to the oldest row's start (`KVCache.rebase`),
+    at most once every slack's worth of steps."""
+    return max_tokens + max(max_tokens // 4, 8)
+
+
+class _Continuous:
+    """One `NativeEngine.generate` call with fewer slots than rows: continuous batching. Rows enter in order;
+    the slots that finished rows free take the next rows from the queue (their prompts prefilled then, or
+    still in the shared prefix while an earlier sample of the prompt runs). Row r samples its token at
+    position t from its own stream at t (`stream_uniforms` with per-row positions), so the tokens are those
+    of one batch whatever the slots."""
+
+    def __init__(
+        self, engine: NativeEngine, model: CausalLM, prompts: list[list[int]], sp: SamplingParams, seed: int,
+        slots: int,
+    ) -> None:  # fmt: skip
+        self.engine, self.model, self.prompts, self.sp, self.seed = engine, model, prompts, sp, seed
+        self.slots, self.dev, self.n, self.steps = slots, engine.device, sp.n, sp.max_tokens
+        self.width = max(len(p) for p in prompts)
+        self.stops = torch.tensor(sp.stop_token_ids, dtype=torch.long, device=self.dev)
+        total = len(prompts) * sp.n
+        self.queue = list(range(total))[::-1]  # popped from the end: row 0 first
+        self.tokens = torch.zeros(total, self.steps, dtype=torch.long, device=self.dev)  # [R, S]
+        self.logprobs = torch.zeros(total, self.steps, dtype=torch.float32, device=self.dev)  # [R, S]
+        self.cache: KVCache | None = None
+        self.prompt_of: list[int] = []  # the shared prefix's prompts, in order
+        self.first = torch.empty(0, device=self.dev)  # [U, V] each shared prompt's next-token logits
+        self.rows: list[int] = []  # the active rows (round indices), in slot order
+        self.joined: list[int] = []  # the write cursor at which each active row joined
+        self.streams = torch.empty(0, dtype=torch.long, device=self.dev)  # [b]
+        self.position = torch.empty(0, dtype=torch.long, device=self.dev)  # [b] next token's position
+        self.done = torch.empty(0, dtype=torch.bool, device=self.dev)  # [b]
+        self.feed = torch.empty(0, dtype=torch.long, device=self.dev)  # [b] the tokens the next step reads
+
+    def run(self) -> list[Completion]:
+        self._admit(self.slots)
+        while self.rows:
+            assert self.cache is not None
+            logits = self.model(self.feed[:, None], cache=self.cache)[:, 0]  # [b, V]
+            poll()  # a stop abandons generation between decode steps (`dapo.preempt`)
+            self.feed = self._sample(logits, torch.tensor(self.rows, device=self.dev))
+            full = self.cache.length >= self.cache.max_len
+            if full or self.cache.length % self.engine.check_every == 0:
+                finished = int(self.done.sum())
+                if finished == len(self.rows) and not self.queue:
+                    break
+                if full or finished >= max(1.0, _COMPACT_FRACTION * len(self.rows)):
+                    self._free()
+                    if full and self.rows:
+                        self._rebase()
+                    self._admit(self.slots - len(self.rows))
+        owners = [r // self.n for r in range(self.tokens.shape[0])]
+        return self.engine._completions(self.tokens.cpu(), self.logprobs.cpu(), owners, self.sp)
+
+    def _sample(self, logits: Tensor, rows: Tensor) -> Tensor:
+        """Sample the next tokens of the last ``len(rows)`` active rows (all of them, or the new ones from
+        `_admit`) and record them; returns them."""
+        n = len(rows)
+        tok, lp = sample_tokens(
+            logits.float(), self.sp, stream_uniforms(self.streams[-n:], self.position[-n:])
+        )
+        at, done = self.position[-n:].clamp(max=self.steps - 1), self.done[-n:]
+        # a row that is done records nothing more (its slot decodes on until it is freed)
+        self.tokens[rows, at] = torch.where(done, self.tokens[rows, at], tok)
+        self.logprobs[rows, at] = torch.where(done, self.logprobs[rows, at], lp)
+        self.done[-n:] |= torch.isin(tok, self.stops) | (self.position[-n:] + 1 >= self.steps)
+        self.position[-n:] += 1
+        return tok
+
+    def _free(self) -> None:
+        """Drop the finished rows, and the shared prompts no row continues or will continue."""
+        assert self.cache is not None
+        keep = (~self.done).nonzero().squeeze(1)  # [b']
+        kept = keep.tolist()
+        self.rows, self.joined = [self.rows[i] for i in kept], [self.joined[i] for i in kept]
+        if not self.rows:  # start again from the next rows' prompts
+            self.cache, self.prompt_of, self.first = None, [], self.first[:0]
+        else:
+            self.cache.select(keep)
+            upcoming = self.queue[-1] // self.n if self.queue else -1
+            wanted = {r // self.n for r in self.rows} | {upcoming}
+            keep_u = [i for i, p in enumerate(self.prompt_of) if p in wanted]
+            if len(keep_u) < len(self.prompt_of):
+                index = torch.tensor(keep_u, device=self.dev)
+                self.cache.drop_prompts(index)
+                self.first = self.first.index_select(0, index)
+                self.prompt_of = [self.prompt_of[i] for i in keep_u]
+        self.streams, self.position = self.streams.index_select(0, keep), self.position.index_select(0, keep)
+        self.done, self.feed = self.done.index_select(0, keep), self.feed.index_select(0, keep)
+
+    def _rebase(self) -> None:
+        """Move the rows' own slots back to the oldest running row's start (see `continuous_window`)."""
+        assert self.cache is not None
+        shift = min(self.joined)
+        self.cache.rebase(shift)
+        self.joined = [j - shift for j in self.joined]
+
+    def _admit(self, count: int) -> None:
+        """Take up to ``count`` rows from the queue: their prompts into the shared prefix (prefilled where
+        not there), their first tokens sampled; the next step reads those."""
+        take = [self.queue.pop() for _ in range(min(count, len(self.queue)))]
+        if not take:
+            return
+        owners = [r // self.n for r in take]
+        new = sorted(set(owners) - set(self.prompt_of))
+        prompts = self._prefill(new) if new else None
+        self.prompt_of += new
+        where = {p: i for i, p in enumerate(self.prompt_of)}
+        index = torch.tensor([where[p] for p in owners], device=self.dev)
+        if self.cache is None:
+            assert prompts is not None
+            prompts.share_prefix(index, continuous_window(self.steps))
+            self.cache = prompts
+        else:
+            self.cache.extend(prompts, index)
+        self.joined += [self.cache.length] * len(take)
+        first = [self.sp.first_prompt_index + p for p in owners]
+        self.streams = torch.cat(
+            [self.streams, row_streams(self.seed, first, [r % self.n for r in take], self.dev)]
+        )
+        self.position = torch.cat([self.position, torch.zeros(len(take), dtype=torch.long, device=self.dev)])
+        self.done = torch.cat([self.done, torch.zeros(len(take), dtype=torch.bool, device=self.dev)])
+        self.rows += take
+        rows = torch.tensor(take, device=self.dev)
+        self.feed = torch.cat([self.feed, self._sample(self.first.index_select(0, index), rows)])
+
+    def _prefill(self, prompts: list[int]) -> KVCache:
+        """A cache of ``prompts`` (left-padded to the call's longest prompt); their next-token logits are
+        appended to `first`."""
+        ids = torch.full((len(prompts), self.width), self.engine.pad_token_id, dtype=torch.long)  # [m, W]
+        mask = torch.zeros(len(prompts), self.width, dtype=torch.long)  # [m, W]
+        for i, p in enumerate(prompts):
+            ids[i, self.width - len(self.prompts[p]) :] = torch.tensor(self.prompts[p])
+            mask[i, self.width - len(self.prompts[p]) :] = 1
+        model, dtype = self.model, self.model.lm_head_weight.dtype
+        cache = KVCache(model.args, len(prompts), self.width, dtype=dtype, device=self.dev)
+        hidden = model(ids.to(self.dev), attention_mask=mask.to(self.dev), cache=cache, return_hidden=True)[
+            :, -1
+        ]
+        logits = F.linear(hidden, model.lm_head_weight)  # [m, V]
+        self.first = torch.cat([self.first.to(logits.dtype), logits]) if len(self.first) else logits
+        return cache
 
 
 def sample_tokens(logits: Tensor, sp: SamplingParams, uniforms: Tensor) -> tuple[Tensor, Tensor]:
@@ -334,6 +491,11 @@ def row_streams(seed: int, prompt_index: list[int], sample_index: list[int], dev
     return _mix(key + torch.tensor(sample_index, dtype=torch.long, device=device) * _GOLDEN)
 
 
-def stream_uniforms(streams: Tensor, position: int) -> Tensor:
-    """float64 [B] in [0, 1): the uniform of each stream at token ``position`` (53 random bits)."""
-    return _shr(_mix(streams + _int64((position + 1) * _GOLDEN)), 11).double() * 2.0**-53
+def stream_uniforms(streams: Tensor, position: int | Tensor) -> Tensor:
+    """float64 [B] in [0, 1): the uniform of each stream at token ``position`` (one for all, or ``[B]``: each
+    row's own; 53 random bits)."""
+    if isinstance(position, Tensor):  # int64 arithmetic wraps mod 2**64, as `_int64` does
+        offset = (position + 1) * _GOLDEN
+    else:
+        offset = torch.tensor(_int64((position + 1) * _GOLDEN), dtype=torch.long, device=streams.device)
+    return _shr(_mix(streams + offset), 11).double() * 2.0**-53
