@@ -61,8 +61,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=lambda: ["dapo-math-17k.parquet"])
-    """Training data: parquet/jsonl files in the reference schema (or plain problem/answer columns), or
-    "arithmetic" for the built-in synthetic arithmetic task."""
+    """Training data: parquet/jsonl files in the reference schema (or plain problem/answer columns),
+    "arithmetic" for the built-in synthetic arithmetic task, or "countdown" for the built-in Countdown task
+    (with reward.function=countdown)."""
     prompt_key: str = "prompt"
     """Column with the prompt: a list of chat messages (reference schema) or a bare problem string."""
     answer_key: str = "reward_model.ground_truth"
@@ -179,7 +180,8 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     function: str = "math_dapo"
-    """Verifier: "math_dapo" (the reference, bit-compatible), "math_verify" (symbolic), or
+    """Verifier: "math_dapo" (the reference, bit-compatible), "math_verify" (symbolic), "countdown" (the
+    built-in Countdown task's, every line checked), or
     "package.module:function". The latter imports and runs that module's code, as this user, in every
     process that scores or checks the config (the CLI's preflight, each scoring process, each rank or Ray
     worker): name only code you trust, as you would a script you run."""
@@ -552,6 +554,24 @@ class Config:
                 self.rollout.vllm.max_model_len,
                 f"0 or >= data.max_prompt_length + the longest of rollout/evaluation.max_response_length "
                 f"({longest})",
+            )
+        files = [*self.data.train_files, *self.evaluation.files]
+        if self.reward.function == "countdown":
+            _check(
+                all(f == "countdown" for f in files),
+                "reward.function",
+                self.reward.function,
+                f"'countdown' only when data.train_files and evaluation.files are all the built-in countdown "
+                f"task (got {files})",
+            )
+        if "countdown" in files:
+            _check(
+                self.reward.function not in ("math_dapo", "math_verify"),
+                "reward.function",
+                self.reward.function,
+                "'countdown' (or a function of your own) with the built-in countdown task in "
+                "data.train_files or evaluation.files: its ground truths are 'TARGET from N1 N2 ...', which "
+                "only the countdown verifier reads",
             )
         if self.reward.batch_timeout_s:
             _check(

@@ -18,7 +18,7 @@ from pathlib import Path
 from dapo.checkpoint import check_complete
 from dapo.config import Config, ConfigError, DataConfig
 from dapo.data.dataset import DataError, check_file
-from dapo.data.prompts import BUILTIN_TASK, reader_settings
+from dapo.data.prompts import BUILTIN_TASKS, reader_settings
 from dapo.errors import UserError
 from dapo.models import kernels
 from dapo.models.load import resolve_model_path
@@ -68,10 +68,10 @@ def check_model_path(path: str) -> None:
 
 
 def check_data_files(files: Sequence[str], data: DataConfig, key: str) -> None:
-    """Each file exists, has a known format and (parquet) the configured columns; the built-in task passes."""
+    """Each file exists, has a known format and (parquet) the configured columns; the built-in tasks pass."""
     settings = reader_settings(data, dedup=False)
     for f in files:
-        if f == BUILTIN_TASK:
+        if f in BUILTIN_TASKS:
             continue
         try:
             check_file(f, settings)

@@ -11,6 +11,8 @@ from dapo.config import DataConfig
 from dapo.data.dataset import Example, ReaderSettings, load_many
 
 BUILTIN_TASK = "arithmetic"
+COUNTDOWN_TASK = "countdown"
+BUILTIN_TASKS = (BUILTIN_TASK, COUNTDOWN_TASK)
 ARITHMETIC_TRAIN_PROBLEMS = 50_000  # distinct training problems drawn from the task's endless stream
 ARITHMETIC_HELDOUT_PROBLEMS = 300
 
@@ -36,9 +38,10 @@ class PromptSet:
 
 
 def load_examples_for(files: Sequence[str], data: DataConfig, *, split: str, dedup: bool) -> list[Example]:
-    """Examples from files, where "arithmetic" is the built-in task (its train or held-out split)."""
+    """Examples from files, where "arithmetic" and "countdown" are the built-in tasks (their train or
+    held-out split)."""
     examples: list[Example] = []
-    paths = [f for f in files if f != BUILTIN_TASK]
+    paths = [f for f in files if f not in BUILTIN_TASKS]
     if BUILTIN_TASK in files:
         from dapo.data.synthetic import ArithmeticTask
 
@@ -48,6 +51,15 @@ def load_examples_for(files: Sequence[str], data: DataConfig, *, split: str, ded
         else:
             problems = task.heldout_problems(ARITHMETIC_HELDOUT_PROBLEMS)
         examples += ArithmeticTask.to_examples(problems, split)
+    if COUNTDOWN_TASK in files:
+        from dapo.data.countdown import CountdownTask
+
+        countdown = CountdownTask(seed=0)
+        if split == "train":
+            puzzles = countdown.train_problems(ARITHMETIC_TRAIN_PROBLEMS)
+        else:
+            puzzles = countdown.heldout_problems(ARITHMETIC_HELDOUT_PROBLEMS)
+        examples += CountdownTask.to_examples(puzzles, split)
     if paths:
         examples += load_many(paths, reader_settings(data, dedup=dedup)).examples
     if dedup:

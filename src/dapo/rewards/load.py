@@ -1,8 +1,9 @@
 """Reward functions by name or import path.
 
-The built-ins are named ``"math_dapo"`` (the reference DAPO verifier) and ``"math_verify"`` (the symbolic
-one); anything else is given as ``"package.module:function"`` and imported, so worker processes can load
-it from the string alone. User functions are wrapped so they always return a `RewardResult`.
+The built-ins are named ``"math_dapo"`` (the reference DAPO verifier), ``"math_verify"`` (the symbolic
+one) and ``"countdown"`` (the built-in Countdown task's); anything else is given as
+``"package.module:function"`` and imported, so worker processes can load it from the string alone. User
+functions are wrapped so they always return a `RewardResult`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 from dapo.rewards.base import RewardFn, RewardResult, to_reward_result
 
-BUILTIN_REWARD_FNS = ("math_dapo", "math_verify")
+BUILTIN_REWARD_FNS = ("math_dapo", "math_verify", "countdown")
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -31,6 +32,10 @@ def load_reward_fn(spec: str) -> RewardFn:
         from dapo.rewards import symbolic
 
         return symbolic.compute_score
+    if spec == "countdown":
+        from dapo.rewards import countdown
+
+        return countdown.compute_score
     module_name, sep, attr_path = spec.partition(":")
     # Both halves are needed: a bare name is most likely a mistyped built-in.
     if not sep or not module_name.strip() or not attr_path.strip():
