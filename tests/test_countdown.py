@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from pathlib import Path
+
 import pytest
 
 from dapo.config import ConfigError, load_config
-from dapo.data.countdown import CountdownTask, ground_truth, is_heldout, render, solutions
+from dapo.data.countdown import CountdownTask, ground_truth, is_heldout, render, solutions, trace
 from dapo.data.prompts import load_examples_for
 from dapo.rewards.countdown import compute_score
 
@@ -74,3 +78,38 @@ def test_countdown_is_a_built_in_data_file_with_its_verifier() -> None:
             None,
             ["data.train_files=[countdown]", "reward.function=countdown", "evaluation.files=[arithmetic]"],
         )
+
+
+def test_warm_up_traces_are_diverse_and_wrong_at_the_asked_share() -> None:
+    rng = random.Random(0)
+    problems = CountdownTask(seed=3).train_problems(400)
+    results = [(p, trace(p, rng, wrong_fraction=0.25)) for p in problems]
+    wrong = [t for p, t in results if not compute_score(t, p.answer).acc]
+    assert 0.18 < len(wrong) / len(results) < 0.32
+    assert all(t.splitlines()[-1].startswith("Answer: ") for _, t in results)
+    # a wrong attempt is valid work that misses: only its answer fails the verifier's checks
+    p = problems[0]
+    again = {trace(p, random.Random(s)) for s in range(40)}
+    assert len({t for t in again if compute_score(t, p.answer).acc}) >= 2  # several solutions drawn
+
+
+def test_the_tiny_recipe_builds_a_countdown_model(tmp_path: Path) -> None:
+    from dapo.models import tiny
+
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
+    small = tiny.TinyRecipe(
+        task="countdown", wrong_fraction=0.2, sft_steps=3, batch_size=4, tokenizer_corpus=200,
+        warmup_steps=1, val_problems=4, target_accuracy=0.0, **sizes,
+    )  # fmt: skip
+    as_arithmetic = dataclasses.replace(small, task="arithmetic", wrong_fraction=0.0)
+    assert tiny.recipe_key(small) != tiny.recipe_key(as_arithmetic)
+    report = tiny.build_tiny_model(small, tmp_path)
+    assert report.steps == 3 and report.max_response_tokens > 10
+    stream = tiny._warmup_stream(small)
+    texts = [next(stream).solution for _ in range(50)]
+    assert any("×" in t for t in texts) and len(set(texts)) >= 45
+    assert tiny.RECIPES["tiny-countdown"].task == "countdown"
+    with pytest.raises(ValueError, match="wrong_fraction"):
+        tiny.TinyRecipe(wrong_fraction=0.2)  # arithmetic has one solution: no wrong traces
+    with pytest.raises(ValueError, match="task"):
+        tiny.TinyRecipe(task="chess")

@@ -145,3 +145,34 @@ def test_bf16_mixed_run_samples_in_bf16_and_logs_its_kernels(tiny_model_dir: Pat
     env = json.loads((tmp_path / "m" / "env.json").read_text())
     assert env["cpu"]["cpu"] and env["kernels"].startswith("DAPO_KERNELS=")
     assert "kernels: DAPO_KERNELS=" in run.stdout + run.stderr
+
+
+def test_a_lora_run_resumes_bit_identically_and_exports(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`actor.lora.rank=8` end to end: checkpoints hold the adapter (PEFT format) and no full weights, a
+    resume after a kill gives the same adapter bit for bit, `dapo export --merge` writes a model that
+    `dapo eval` loads, and `dapo eval --adapter` evaluates the adapter on its base unmerged."""
+    common = [*SHORT, "actor.lora.rank=8", "actor.lr=1e-3", f"trainer.output_dir={tmp_path}"]
+    straight = dapo_train([*common, "trainer.run_name=straight"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = dapo_train([*common, "trainer.run_name=killed"], env={"DAPO_SIGNAL_AT": "update:3:KILL"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = dapo_train([*common, "trainer.run_name=killed", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ckpt = tmp_path / "straight" / "checkpoints" / "step_000004"
+    assert (ckpt / "adapter" / "adapter_config.json").is_file() and not (ckpt / "model").exists()
+    a = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    b = load_file(
+        str(tmp_path / "killed" / "checkpoints" / "step_000004" / "adapter" / "adapter_model.safetensors")
+    )
+    assert a.keys() == b.keys() and len(a) == 4 * 7 * 2  # 4 layers x 7 projections x (A, B)
+    assert all(a[k].equal(b[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # the adapters trained
+    config = json.loads((ckpt / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == tiny_model_dir.resolve()
+
+    assert main(["export", "--merge", str(ckpt), str(tmp_path / "merged")]) == 0
+    assert main(["export", "--merge", str(ckpt), str(tmp_path / "merged")]) == 2  # exists: a one-line error
+    ev = ["--data", "arithmetic", "--k", "2", "evaluation.max_prompts=8", "rollout.max_response_length=40"]
+    assert main(["eval", "--model", str(tmp_path / "merged"), *ev]) == 0
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(ckpt / "adapter"), *ev]) == 0
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(tmp_path), *ev]) == 2

@@ -2,7 +2,9 @@
 
 Layout of `<run_dir>/checkpoints/step_000020/`:
 - `model/`: a Hugging Face-format directory (config.json, model.safetensors, tokenizer files) that
-  transformers, `dapo eval` and `dapo.models.load_pretrained` load;
+  transformers, `dapo eval` and `dapo.models.load_pretrained` load; with LoRA (`actor.lora.rank` > 0)
+  `adapter/` in its place: the adapters in PEFT's format (`adapter_config.json`,
+  `adapter_model.safetensors`, naming the base model), plus the tokenizer files (the base is unchanged);
 - `optimizer.pt`: the optimizer and schedule state (tensors and numbers only; loaded with
   `weights_only=True`, so loading never unpickles arbitrary objects);
 - `state.json`: step counters, the collector's carried groups, keep-rate estimate and sampler position,
@@ -65,7 +67,9 @@ class Checkpoint:
 
     @property
     def model_dir(self) -> Path:
-        return self.path / "model"
+        """The weights: `model/`, or `adapter/` in a LoRA run's checkpoint."""
+        adapter = self.path / "adapter"
+        return adapter if adapter.is_dir() else self.path / "model"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -96,12 +100,14 @@ def save_checkpoint(
     keep_last: int,
     world: World | None = None,
     sharded: dict[str, Any] | None = None,
+    lora_base: str | None = None,
 ) -> Path:
     """Write step `step`'s checkpoint atomically, then delete all but the newest `keep_last`.
 
     ``model`` holds the full weights (written by rank 0; None on a rank without a copy); ``sharded``
     (data-parallel) is written by every rank with DCP. Every rank calls this; it returns when the checkpoint
-    is complete on all of them.
+    is complete on all of them. With ``lora_base`` (a LoRA run: the base model's path) the adapters go to
+    `adapter/` in PEFT's format instead of the full weights to `model/`.
     """
     from dapo.models import save_pretrained
 
@@ -123,9 +129,15 @@ def save_checkpoint(
     if world.is_main:
         if model is None:
             raise ValueError("rank 0 writes the full weights: it needs a model")
-        save_pretrained(model, tmp / "model")
+        weights = tmp / ("model" if lora_base is None else "adapter")
+        if lora_base is None:
+            save_pretrained(model, weights)
+        else:
+            from dapo.models.lora import save_adapter
+
+            save_adapter(model, weights, lora_base)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "model"))
+            tokenizer.save_pretrained(str(weights))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         state = {**state, "step": step, "rng": rngs[0], "rng_ranks": rngs, "kernels": kernels.decisions()}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -205,7 +217,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except _READ_ERRORS as e:
         raise CheckpointError(f"checkpoint {path} is corrupt: {type(e).__name__}: {e}") from e
     weights = path / "model" / "model.safetensors"
-    if not weights.is_file() and not (path / "model" / "model.safetensors.index.json").is_file():
+    adapter = path / "adapter" / "adapter_model.safetensors"
+    if (path / "adapter").is_dir():
+        if not adapter.is_file():
+            raise CheckpointError(f"checkpoint {path} is corrupt: {adapter} is missing")
+    elif not weights.is_file() and not (path / "model" / "model.safetensors.index.json").is_file():
         raise CheckpointError(f"checkpoint {path} is corrupt: {weights} is missing")
     return Checkpoint(path=path, state=state, optimizer=optimizer)
 

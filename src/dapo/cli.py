@@ -36,6 +36,9 @@ dapo: reinforcement learning for language models with DAPO (arXiv 2503.14476).
   dapo eval --model DIR --data FILE
                                   avg@32 / pass@32 / maj@32 of a checkpoint on a dataset, with the
                                   paper's protocol (temperature 1.0, top-p 0.7, 20,480 response tokens)
+  dapo eval --model BASE --adapter CKPT/adapter --data FILE
+                                  the same for a LoRA run's adapter on its base model, unmerged
+  dapo export [--merge] CKPT OUT  a checkpoint as a Hugging Face model (--merge: LoRA folded into its base)
   dapo report RUN_DIR [RUN_DIR ...] [--out DIR]
                                   figures, summary and health notes of runs (DIR/index.html)
   dapo config [--config FILE]     print the resolved config with each field's documentation
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_debug_arg(parser, False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,report,config}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,report,config}")
 
     train = sub.add_parser(
         "train",
@@ -100,6 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="checkpoint directory (Hugging Face format) or 'tiny'")
     ev.add_argument("--data", nargs="+", required=True, help="parquet/jsonl files, or 'arithmetic'")
     ev.add_argument("--k", type=int, default=None, help="samples per prompt row (default: evaluation.k)")
+    ev.add_argument(
+        "--adapter",
+        default=None,
+        help="a LoRA adapter directory (PEFT format: a LoRA run's CKPT/adapter) applied to --model, unmerged",
+    )
+
+    ex = sub.add_parser(
+        "export",
+        help="a checkpoint as a Hugging Face model directory (--merge: a LoRA adapter folded into its base)",
+        description="Write a checkpoint's weights as a Hugging Face model directory OUT. A full-weights "
+        "checkpoint: its model/. A LoRA run's checkpoint (or an adapter directory): its adapter in PEFT's "
+        "format, or with --merge the base model with the adapter folded into its weights (W + alpha/r BA), "
+        "which transformers and `dapo eval --model OUT` load.",
+    )
+    _add_debug_arg(ex, argparse.SUPPRESS)
+    ex.add_argument("--merge", action="store_true", help="fold a LoRA adapter into its base model")
+    ex.add_argument(
+        "--base", default=None, help="the base model (default: the adapter's base_model_name_or_path)"
+    )
+    ex.add_argument(
+        "checkpoint", help="a checkpoint directory (RUN/checkpoints/step_NNNNNN) or adapter directory"
+    )
+    ex.add_argument("out", help="the directory to write (must not exist)")
 
     rep = sub.add_parser("report", help="figures, summary table and health notes of runs (HTML)")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
@@ -191,11 +217,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from dapo.evaluate import evaluate_checkpoint
     from dapo.preflight import check_eval
 
-    check_eval(cfg, args.model, list(args.data))
+    check_eval(cfg, args.model, list(args.data), args.adapter)
 
     evaluate_checkpoint(
-        cfg, model_path=args.model, data_files=list(args.data), k=args.k, config_name=Path(config).stem
-    )
+        cfg, model_path=args.model, data_files=list(args.data), k=args.k, config_name=Path(config).stem,
+        adapter=args.adapter,
+    )  # fmt: skip
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dapo.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out), merge=args.merge, base=args.base)
+    print(f"exported: {out}")
     return 0
 
 
@@ -242,7 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "report": _cmd_report, "config": _cmd_config}
+    handlers = {
+        "train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "report": _cmd_report,
+        "config": _cmd_config,
+    }  # fmt: skip
     debug = args.debug or os.environ.get("DAPO_DEBUG", "") not in ("", "0")
     with warnings.catch_warnings():
         if not debug:

@@ -41,7 +41,7 @@ class ModelConfig:
     """Hugging Face checkpoint directory (config.json + safetensors + tokenizer); a Hugging Face Hub id
     (``Qwen/Qwen2.5-7B``: taken from the local Hub cache, else downloaded into it; HF_HUB_OFFLINE=1 uses the
     cache only); or "tiny" for the built-in tiny model (built locally on first use and cached; never
-    downloaded)."""
+    downloaded), "tiny-countdown" for the same model warmed up on the Countdown task."""
     implementation: Literal["native", "hf"] = "native"
     """"native": dapo's compact Llama/Qwen2/Qwen3 implementation; "hf": transformers' model (any architecture
     it knows)."""
@@ -298,6 +298,37 @@ class AlgorithmConfig:
             _check(self.rollout_is_cap >= 1, "algorithm.rollout_is_cap", self.rollout_is_cap, ">= 1, or null")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The projections LoRA can adapt (the attention and MLP linear layers of Llama / Qwen2 / Qwen3)."""
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA's rank r: 0 = off (full fine-tuning). With r > 0 the base weights are frozen (no gradients, no
+    optimizer state) and each target projection W learns W + (alpha / r) B A, A of r x in, B of out x r,
+    B = 0 at the start (the first forward equals the base model's)."""
+    alpha: float = 32.0
+    """LoRA's alpha: the adapters' output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during the update (0 = none; then the update is deterministic and
+    invariant to the micro-batch split, as without LoRA)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections to adapt, by name (each decoder layer's)."""
+
+    def validate(self) -> None:
+        _check(self.rank >= 0, "actor.lora.rank", self.rank, "an integer >= 0 (0 = off)")
+        _check(self.alpha > 0, "actor.lora.alpha", self.alpha, "a number > 0")
+        _check(0 <= self.dropout < 1, "actor.lora.dropout", self.dropout, "a number in [0, 1)")
+        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
+        _check(
+            bool(self.target_modules) and not unknown,
+            "actor.lora.target_modules",
+            list(self.target_modules),
+            "a non-empty list of " + ", ".join(LORA_TARGETS),
+        )
+
+
 @dataclass
 class ActorConfig:
     lr: float = 1e-6
@@ -346,8 +377,12 @@ class ActorConfig:
     """Between updates, keep the AdamW states ("optimizer") or the states and the sharded training weights
     ("optimizer+params") in host memory, on the device only during the update; for a GPU shared with
     generation. The update's results are unchanged. "none" on CPU (nothing to move)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters (`dapo.models.lora`): train r-rank adapters of the projections over frozen base
+    weights instead of every weight (``actor.lora.rank`` > 0)."""
 
     def validate(self) -> None:
+        self.lora.validate()
         _check(self.lr > 0, "actor.lr", self.lr, "a number > 0")
         _check(all(0 <= b < 1 for b in self.betas), "actor.betas", self.betas, "two numbers in [0, 1)")
         _check(self.weight_decay >= 0, "actor.weight_decay", self.weight_decay, "a number >= 0")

@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,9 @@ from torch import Tensor, nn
 from dapo import preempt
 from dapo.rewards import ScoreBatch
 from dapo.rollout.base import Completion, RolloutEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from dapo.models.lora import LoRASpec
 
 __all__ = [
     "ShardedEngine",
@@ -253,14 +256,16 @@ def load_sharded(
     full_copy: bool = True,
     full_copy_device: torch.device | None = None,
     offload_params: bool = False,
+    lora: LoRASpec | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """`parallelize` of a checkpoint directory without ever holding the whole model as training weights:
     the model is built on the meta device, sharded, and each rank reads only its rows of each tensor from
     the safetensors files (memory-mapped, one tensor at a time) into its shard. With ``full_copy`` the
     plain full copy an engine needs is loaded at the checkpoint's dtype (``dtype``, as `load_pretrained`),
     on ``full_copy_device`` (default the rank's device; the host for a copy no engine computes with), else
-    None (a rank that never generates nor broadcasts). The weights equal `parallelize`'s of
-    `load_pretrained`'s model."""
+    None (a rank that never generates nor broadcasts). ``lora`` (the run's `LoRASpec`) adds adapters to
+    both, drawn identically on every rank. The weights equal `parallelize`'s of `load_pretrained`'s
+    model."""
     import json
     import math
     from pathlib import Path
@@ -274,9 +279,13 @@ def load_sharded(
     with torch.device("meta"):
         model = CausalLM(ModelArgs.from_hf_config(config))
     model.to(torch.float32 if world.device.type == "cuda" else load_dtype)  # master weights on CUDA
+    if lora is not None:
+        lora.add_to(model)  # meta adapters, drawn below once the shards exist
     full = None
     if full_copy:
         full = load_pretrained(path, dtype=load_dtype, device=full_copy_device or world.device)
+        if lora is not None:
+            lora.add_to(full)
         for p in full.parameters():
             p.requires_grad_(False)
     if activation_checkpointing:
@@ -285,11 +294,20 @@ def load_sharded(
     on_host = offload_params and world.device.type == "cuda"
     model.to_empty(device="cpu" if on_host else world.device)
     files = checkpoint_files(path)
-    missing = sorted(name for name, _ in model.named_parameters() if name not in files)
+    from dapo.models.lora import adapter_names, init_adapters
+
+    adapters = set(adapter_names(model))
+    missing = sorted(
+        name for name, _ in model.named_parameters() if name not in files and name not in adapters
+    )
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors {missing[:5]}")
+    if lora is not None:
+        init_adapters(model, lora.seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if name in adapters:
+                continue
             local = p.to_local() if hasattr(p, "to_local") else p  # this rank's rows (torch.chunk of dim 0)
             if local.shape[0] == 0:
                 continue
@@ -343,13 +361,16 @@ def _plain_copy(model: nn.Module) -> Any:
 def sync_weights(sharded: nn.Module, plain: nn.Module | None) -> dict[str, float]:
     """Copy the full weights of ``sharded`` into ``plain``, one parameter at a time (`gathered_weights`: a
     rank without a copy, ``plain`` None, takes part and drops what it gathered; a copy in host memory takes
-    each as it comes). `time/weight_sync_s` and `rollout/weight_sync_mb` (bytes gathered per rank);
-    nothing when both are the same module."""
+    each as it comes); with LoRA only the adapters (`lora.synced_names`: the frozen base is there already).
+    `time/weight_sync_s` and `rollout/weight_sync_mb` (bytes gathered per rank); nothing when both are the
+    same module."""
+    from dapo.models.lora import synced_names
+
     if sharded is plain:
         return {}
     t0, moved = time.perf_counter(), 0
     target = dict(plain.named_parameters()) if plain is not None else {}
-    for name, full in gathered_weights(sharded):
+    for name, full in gathered_weights(sharded, synced_names(sharded)):
         if plain is not None:
             target[name].copy_(full)
         moved += full.numel() * full.element_size()
@@ -359,9 +380,11 @@ def sync_weights(sharded: nn.Module, plain: nn.Module | None) -> dict[str, float
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The sharded model and optimizer state for torch.distributed.checkpoint (keys are parameter names, so
     a checkpoint loads on any number of ranks)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    # frozen parameters (a LoRA run's base) are the model it started from: not part of the run's state
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     return {"model": model_state, "optim": optim_state}
 
 
@@ -373,7 +396,13 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, path
 
     state = training_state(model, optimizer)
     load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())  # not in the checkpoint: not loaded
+    options = StateDictOptions(ignore_frozen_params=True, strict=not frozen)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,11 +590,13 @@ def weight_buckets(params: Sequence[Tensor], bucket_bytes: int) -> list[range]:
 
 
 @torch.no_grad()
-def gathered_weights(sharded: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """(name, the whole tensor) of each parameter of ``sharded``, one at a time in `named_parameters` order
-    (each `full_tensor()` an all-gather: every rank iterates to the end together)."""
+def gathered_weights(sharded: nn.Module, names: set[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+    """(name, the whole tensor) of each parameter of ``sharded`` (of those in ``names``, if given), one at a
+    time in `named_parameters` order (each `full_tensor()` an all-gather: every rank iterates to the end
+    together)."""
     for name, p in sharded.named_parameters():
-        yield name, p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        if names is None or name in names:
+            yield name, p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
 
 
 @torch.no_grad()

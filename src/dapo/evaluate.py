@@ -19,6 +19,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dapo.config import Config
@@ -182,11 +183,23 @@ def format_protocol(
 
 
 def evaluate_checkpoint(
-    cfg: Config, *, model_path: str, data_files: list[str], k: int | None = None, config_name: str = ""
+    cfg: Config,
+    *,
+    model_path: str,
+    data_files: list[str],
+    k: int | None = None,
+    config_name: str = "",
+    adapter: str | None = None,
 ) -> dict[str, float]:
-    """`dapo eval`: load a checkpoint directory and evaluate it on the given files; prints the protocol,
-    then the metrics, and returns them. `config_name` names where the protocol came from (a preset)."""
+    """`dapo eval`: load a checkpoint directory (with ``adapter``: plus a LoRA adapter directory, unmerged)
+    and evaluate it on the given files; prints the protocol, then the metrics, and returns them.
+    `config_name` names where the protocol came from (a preset)."""
     model, tokenizer, model_dir = load_policy(cfg.model, path=model_path)
+    if adapter is not None:
+        from dapo.models.lora import load_adapter
+
+        load_adapter(model, Path(adapter))
+        model.eval()
     prompts = load_eval_set(cfg, tokenizer, data_files)
     engine = make_engine(cfg.rollout, model, tokenizer, longest=cfg.longest_sequence())
     sampling = eval_sampling(cfg, tokenizer, k)

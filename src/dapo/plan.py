@@ -33,12 +33,12 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def model_shape(path: str) -> tuple[ModelArgs | None, str]:
     """(the model's shape, where it came from); None when neither the checkpoint nor the table knows it.
-    ``path``: "tiny", a checkpoint directory, or a Hub id (its config.json when the local Hub cache holds it;
-    never a download)."""
-    if path == "tiny":
-        from dapo.models.tiny import TinyRecipe
+    ``path``: "tiny" (or "tiny-countdown"), a checkpoint directory, or a Hub id (its config.json when the
+    local Hub cache holds it; never a download)."""
+    if path in ("tiny", "tiny-countdown"):
+        from dapo.models.tiny import RECIPES
 
-        r = TinyRecipe()
+        r = RECIPES[path]
         args = ModelArgs(
             architecture="Qwen2ForCausalLM", vocab_size=r.vocab_size, hidden_size=r.hidden_size,
             intermediate_size=r.intermediate_size, num_hidden_layers=r.num_layers,
@@ -73,6 +73,20 @@ def parameter_count(a: ModelArgs) -> tuple[int, int]:
     embedding = a.vocab_size * a.hidden_size
     total = embedding * (1 if a.tie_word_embeddings else 2) + a.num_hidden_layers * layer + a.hidden_size
     return total, layer
+
+
+def lora_parameter_count(a: ModelArgs, rank: int, targets: list[str]) -> int:
+    """Parameters of rank-``rank`` adapters on the ``targets`` projections of every layer (A: r x in,
+    B: out x r)."""
+    q, kv, d, i = (
+        a.num_attention_heads * a.head_dim,
+        a.num_key_value_heads * a.head_dim,
+        a.hidden_size,
+        a.intermediate_size,
+    )
+    shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+              "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}  # fmt: skip
+    return a.num_hidden_layers * sum(rank * sum(shapes[t]) for t in targets)
 
 
 @dataclass
@@ -180,8 +194,10 @@ def rank_memory(
 
     Training state is sharded W ways: float32 parameters, gradients and AdamW's two moments (4 + 4 + 8
     bytes per parameter / W; on CUDA the float32 shard is the master copy of bfloat16 compute); gradients
-    exist only during the update (freed after each). While a layer computes, its full parameters are
-    gathered (two layers at the compute dtype: one computing, one prefetched); in one process under
+    exist only during the update (freed after each). With LoRA (`actor.lora.rank`) only the adapters have
+    gradients and moments; the parameters are the frozen base plus the adapters. While a layer computes,
+    its full parameters are gathered (two layers at the compute dtype: one computing, one prefetched); in
+    one process under
     bf16-mixed, autocast's bf16 copies of all the weights instead (2 bytes per parameter, kept for the
     micro-batches of a mini-batch). Activations saved for the backward, for the largest micro-batch's
     tokens (`micro_batch_tokens`): without checkpointing about (6·hidden + 4·MLP width) values per token
@@ -219,14 +235,18 @@ def rank_memory(
         logits = (8 * 4 + 2 * compute) * min(chunk, response_tokens) * a.vocab_size
     else:
         logits = (2 * 4 + compute) * response_tokens * a.vocab_size
+    lora = cfg.actor.lora
+    adapters = lora_parameter_count(a, lora.rank, lora.target_modules) if lora.rank else 0
+    trained = adapters if lora.rank else total  # what has gradients and AdamW moments
+    total += adapters
     host_state = cfg.actor.offload == "optimizer+params" and cuda
     optimizer_off = cfg.actor.offload != "none" and cuda
     dtype_bytes = _DTYPE_BYTES[cfg.model.dtype]
     sharded = w > 1
     m = RankMemory(
         params=0.0 if host_state else 4 * total / w,
-        grads=0.0 if host_state else 4 * total / w,
-        optimizer=0.0 if host_state else 8 * total / w,
+        grads=0.0 if host_state else 4 * trained / w,
+        optimizer=0.0 if host_state else 8 * trained / w,
         gathered_layers=2 * layer * compute if sharded else 0.0,
         weight_casts=2 * total if not sharded and cfg.actor.precision == "bf16-mixed" else 0.0,
         activations=activations,
@@ -234,7 +254,7 @@ def rank_memory(
     )
     m.params_in_generation = m.params
     m.optimizer_in_generation = 0.0 if optimizer_off else m.optimizer
-    m.host = 16 * total / w if host_state else 8 * total / w if optimizer_off else 0.0
+    m.host = (4 * total + 12 * trained) / w if host_state else 8 * trained / w if optimizer_off else 0.0
     largest_tensor = a.vocab_size * a.hidden_size * (4 if sharded else 0)
     if generates:
         e = engine_memory(cfg, a, round_prompts(cfg, w), cuda=cuda)
@@ -378,6 +398,12 @@ def format_rank_plan(cfg: Config, world_size: int, *, cuda: bool = True) -> str:
         f"  model                             {total / 1e9:.3g}B parameters (shape from {source})",
         f"  micro-batch                       <= {micro_batch_tokens(cfg)} tokens",
     ]
+    if a.lora.rank:
+        adapters = lora_parameter_count(args, a.lora.rank, a.lora.target_modules)
+        lines.append(
+            f"  LoRA                              rank {a.lora.rank}: {adapters / 1e6:.3g}M trained "
+            "parameters (the base frozen: no gradients, no AdamW moments)"
+        )
     if generates:
         label = f"engine ({cfg.rollout.engine})"
         lines.append(f"  {label:<34}<= {m.in_flight} sequences of {full_length} tokens at once")

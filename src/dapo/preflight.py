@@ -40,11 +40,23 @@ def check_train(cfg: Config) -> None:
     check_output_dir(cfg.trainer.output_dir)
 
 
-def check_eval(cfg: Config, model_path: str, data_files: Sequence[str]) -> None:
+def check_eval(cfg: Config, model_path: str, data_files: Sequence[str], adapter: str | None = None) -> None:
     """Everything `dapo eval` reads, checked before the model is loaded."""
     check_model_path(model_path)
+    if adapter is not None:
+        check_adapter(adapter)
     check_data_files(data_files, cfg.data, "--data")
     check_reward_function(cfg.reward.function)
+
+
+def check_adapter(path: str) -> None:
+    """A LoRA adapter directory in PEFT's format that dapo can apply."""
+    from dapo.models.lora import read_adapter_config
+
+    try:
+        read_adapter_config(Path(path))
+    except ValueError as e:
+        raise UserError(f"--adapter: {e}") from e
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -62,8 +74,10 @@ def check_output_dir(output_dir: str) -> None:
 
 
 def check_model_path(path: str) -> None:
-    """A Hugging Face checkpoint directory, or "tiny" (built on first use)."""
-    if path != "tiny":
+    """A Hugging Face checkpoint directory, or a built-in model name (built on first use)."""
+    from dapo.models.load import TINY_MODELS
+
+    if path not in TINY_MODELS:
         resolve_model_path(path)
 
 

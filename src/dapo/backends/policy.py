@@ -21,7 +21,8 @@ from dapo.checkpoint import (
 from dapo.config import Config
 from dapo.errors import UserError
 from dapo.models import load_pretrained
-from dapo.models.load import load_policy, resolve_model_path
+from dapo.models.load import is_hub_id, load_policy, resolve_model_path
+from dapo.models.lora import ADAPTER_WEIGHTS, LoRASpec, has_lora, read_adapter_weights
 from dapo.models.tokenizer import load_tokenizer
 from dapo.rollout.base import RolloutEngine, WeightSyncedEngine
 from dapo.train import Actor
@@ -60,6 +61,7 @@ class Policy:
                 "engine generates from the parameters themselves); allowed here: none, optimizer"
             )
         self.full_model: torch.nn.Module | None
+        self.lora = LoRASpec.of(cfg.actor.lora, cfg.trainer.seed)
         if world.distributed and cfg.model.implementation == "native":
             self.model_dir = resolve_model_path(cfg.model.path)
             self.tokenizer = load_tokenizer(self.model_dir)
@@ -71,11 +73,14 @@ class Policy:
                 full_copy=keep_full,
                 full_copy_device=torch.device("cpu") if full_on_host else None,
                 offload_params=offload,
+                lora=self.lora,
             )
         else:
             model, self.tokenizer, self.model_dir = load_policy(
                 cfg.model, device=world.device if world.distributed else None
             )
+            if self.lora is not None:
+                self.lora.add_to(model)  # the base frozen; before the copy an engine gets
             # one module in one process (FSDP2 shards and a full copy under a launcher, for the hf model)
             self.train_model, self.full_model = distributed.parallelize(
                 model, world, activation_checkpointing=checkpointing, offload_params=offload
@@ -117,8 +122,9 @@ class Policy:
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         save_checkpoint_of(
-            self.cfg, self.run_dir, step, self.actor, state, self.full_model, self.tokenizer, self.world
-        )
+            self.cfg, self.run_dir, step, self.actor, state, self.full_model, self.tokenizer, self.world,
+            lora_base=None if self.lora is None else adapter_base(self.cfg.model.path, self.model_dir),
+        )  # fmt: skip
 
     def restore(self) -> Checkpoint | None:
         return restore_policy(self.cfg, self.run_dir, self.actor, self.world, self.full_model)
@@ -134,6 +140,12 @@ def make_actor(cfg: Config, model: torch.nn.Module, world: distributed.World | N
         max_response_length=cfg.rollout.max_response_length,
         world=world,
     )
+
+
+def adapter_base(path: str, model_dir: Path) -> str:
+    """The base model a LoRA checkpoint names (PEFT's ``base_model_name_or_path``): a Hub id as given, else
+    the checkpoint directory it was loaded from."""
+    return path if is_hub_id(path) else str(Path(model_dir).resolve())
 
 
 def sync_engine_weights(engine: RolloutEngine, model: torch.nn.Module) -> dict[str, float]:
@@ -153,9 +165,11 @@ def save_checkpoint_of(
     full_model: torch.nn.Module | None,
     tokenizer: Any,
     world: distributed.World,
+    lora_base: str | None = None,
 ) -> None:
     """Step `step`'s checkpoint: full weights (`model/`), and with several ranks the sharded model and
-    optimizer (DCP, `sharded/`) in place of `optimizer.pt`'s optimizer state."""
+    optimizer (DCP, `sharded/`) in place of `optimizer.pt`'s optimizer state. ``lora_base``: a LoRA run's base
+    model (the checkpoint holds the adapters, `adapter/`)."""
     sharded: dict[str, Any] | None
     optimizer_state: dict[str, Any]
     if world.distributed:
@@ -165,7 +179,7 @@ def save_checkpoint_of(
         sharded, optimizer_state = None, actor.state_dict()
     save_checkpoint(
         run_dir, step, full_model, tokenizer, optimizer_state, state,
-        keep_last=cfg.checkpoint.keep_last, world=world, sharded=sharded,
+        keep_last=cfg.checkpoint.keep_last, world=world, sharded=sharded, lora_base=lora_base,
     )  # fmt: skip
 
 
@@ -187,6 +201,8 @@ def restore_policy(
         return None
 
     def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+        if (model_dir / ADAPTER_WEIGHTS).is_file():  # a LoRA run's checkpoint: the adapters
+            return read_adapter_weights(model_dir, actor.model)
         loaded = load_pretrained(model_dir, dtype=cfg.model.dtype, device="cpu")
         return loaded.state_dict()
 
@@ -222,7 +238,13 @@ def restore_policy(
         else:
             ckpt = load_checkpoint(Path(mode))
             weights = load_single(ckpt.model_dir)
-        actor.model.load_state_dict(weights)
+        lora = has_lora(actor.model)
+        if lora != (ckpt.model_dir.name == "adapter"):
+            raise UserError(
+                f"checkpoint {ckpt.path} was written by a run {'without' if lora else 'with'} LoRA: "
+                f"resume it with actor.lora.rank {'0' if lora else 'as it was written'}"
+            )
+        actor.model.load_state_dict(weights, strict=not lora)  # LoRA: the adapters (all of them: checked)
         actor.load_state_dict(ckpt.optimizer)
     restore_rng(ckpt.state, world.rank)
     if world.is_main:

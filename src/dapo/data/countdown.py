@@ -32,7 +32,15 @@ from dapo.data.dataset import Example, Message, prompt_uid
 from dapo.data.templates import apply_dapo_template
 from dapo.rewards.countdown import OPS, apply
 
-__all__ = ["DATA_SOURCE", "LEVELS", "CountdownProblem", "CountdownTask", "ground_truth", "solutions"]
+__all__ = [
+    "DATA_SOURCE",
+    "LEVELS",
+    "CountdownProblem",
+    "CountdownTask",
+    "ground_truth",
+    "solutions",
+    "trace",
+]
 
 DATA_SOURCE = "countdown"
 """The ``data_source`` of every example this task produces (and the name in ``data.train_files``)."""
@@ -104,6 +112,24 @@ def solutions(numbers: Sequence[int], target: int, *, limit: int = 64) -> list[l
 def render(lines: Sequence[Step], target: int) -> str:
     """A solution's text: its lines, then ``Answer: target``."""
     return "\n".join([*(f"{a} {op} {b} = {c}" for a, op, b, c in lines), f"Answer: {target}"])
+
+
+def trace(problem: CountdownProblem, rng: random.Random, wrong_fraction: float = 0.0) -> str:
+    """A worked attempt at ``problem`` for a warm-up: with probability ``1 - wrong_fraction`` one of its
+    solutions chosen uniformly (`solutions`), else a wrong attempt: one to all-but-one random valid lines
+    that never reach the target, answered with the last line's value."""
+    if rng.random() >= wrong_fraction:
+        return render(rng.choice(solutions(problem.numbers, problem.target, limit=16)), problem.target)
+    pool, lines = tuple(problem.numbers), []
+    for _ in range(rng.randint(1, len(pool) - 1)):
+        steps = [(step, after) for step, after in _steps_from(pool) if step[3] != problem.target]
+        if not steps:
+            break
+        step, pool = rng.choice(steps)
+        lines.append(step)
+    if not lines:  # every first line reaches the target: no wrong attempt to make
+        return render(rng.choice(solutions(problem.numbers, problem.target, limit=16)), problem.target)
+    return render(lines, lines[-1][3])
 
 
 def is_heldout(numbers: Sequence[int], target: int) -> bool:

@@ -11,10 +11,22 @@ from dapo.config import DataConfig
 from dapo.data.dataset import Example, ReaderSettings, load_many
 
 BUILTIN_TASK = "arithmetic"
-COUNTDOWN_TASK = "countdown"
-BUILTIN_TASKS = (BUILTIN_TASK, COUNTDOWN_TASK)
-ARITHMETIC_TRAIN_PROBLEMS = 50_000  # distinct training problems drawn from the task's endless stream
-ARITHMETIC_HELDOUT_PROBLEMS = 300
+"""The embedded default's task."""
+BUILTIN_TASKS = ("arithmetic", "countdown")
+"""The names in ``data.train_files`` / ``evaluation.files`` that are generated tasks, not files."""
+TRAIN_PROBLEMS = 50_000  # distinct training problems drawn from a task's endless stream
+HELDOUT_PROBLEMS = 300
+
+
+def builtin_task(name: str, seed: int = 0, levels: tuple[int, ...] | None = None) -> Any:
+    """The generator of built-in task ``name`` (`ArithmeticTask` or `CountdownTask`: the same interface)."""
+    from dapo.data.countdown import CountdownTask
+    from dapo.data.synthetic import ArithmeticTask
+
+    tasks: dict[str, Any] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
+    if name not in tasks:
+        raise ValueError(f"unknown built-in task {name!r}; allowed: {', '.join(tasks)}")
+    return tasks[name](seed) if levels is None else tasks[name](seed, levels)
 
 
 @dataclass
@@ -42,24 +54,14 @@ def load_examples_for(files: Sequence[str], data: DataConfig, *, split: str, ded
     held-out split)."""
     examples: list[Example] = []
     paths = [f for f in files if f not in BUILTIN_TASKS]
-    if BUILTIN_TASK in files:
-        from dapo.data.synthetic import ArithmeticTask
-
-        task = ArithmeticTask(seed=0)
-        if split == "train":
-            problems = task.train_problems(ARITHMETIC_TRAIN_PROBLEMS)
-        else:
-            problems = task.heldout_problems(ARITHMETIC_HELDOUT_PROBLEMS)
-        examples += ArithmeticTask.to_examples(problems, split)
-    if COUNTDOWN_TASK in files:
-        from dapo.data.countdown import CountdownTask
-
-        countdown = CountdownTask(seed=0)
-        if split == "train":
-            puzzles = countdown.train_problems(ARITHMETIC_TRAIN_PROBLEMS)
-        else:
-            puzzles = countdown.heldout_problems(ARITHMETIC_HELDOUT_PROBLEMS)
-        examples += CountdownTask.to_examples(puzzles, split)
+    for name in BUILTIN_TASKS:
+        if name in files:
+            task = builtin_task(name)
+            if split == "train":
+                problems = task.train_problems(TRAIN_PROBLEMS)
+            else:
+                problems = task.heldout_problems(HELDOUT_PROBLEMS)
+            examples += task.to_examples(problems, split)
     if paths:
         examples += load_many(paths, reader_settings(data, dedup=dedup)).examples
     if dedup:

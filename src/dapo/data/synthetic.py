@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from dapo.data.dataset import Example, Message, prompt_uid
 from dapo.data.templates import apply_dapo_template
+from dapo.rewards.countdown import TIMES, apply
 
 __all__ = [
     "DATA_SOURCE",
@@ -68,9 +69,6 @@ FACTOR_RANGE = (2, 9)
 # Consecutive draws without a new held-out problem after which the held-out space counts as exhausted.
 _MAX_HELDOUT_MISSES = 50_000
 
-# Operators as written in problem text and solutions, and how they evaluate.
-_TIMES = "×"
-
 
 @dataclass(frozen=True)
 class ArithmeticProblem:
@@ -100,18 +98,6 @@ def is_heldout(expression: str) -> bool:
     return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
 
 
-def _apply(a: int, op: str, b: int) -> int:
-    """Evaluate one binary operation as written in the task text."""
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == _TIMES:
-        return a * b
-    # Guard: only the three operators above are ever generated.
-    raise ValueError(f"unknown operator {op!r}")
-
-
 def _draw_terms(rng: random.Random, level: int) -> tuple[list[int], list[str]]:
     """Draw the operands and operators of one problem of ``level`` (values stay non-negative)."""
     if level == 1:
@@ -121,14 +107,14 @@ def _draw_terms(rng: random.Random, level: int) -> tuple[list[int], list[str]]:
         ops = [rng.choice("+-"), rng.choice("+-")]
     elif level == 3:
         values = [rng.randint(*FACTOR_RANGE), rng.randint(*FACTOR_RANGE), rng.randint(*OPERAND_RANGE)]
-        ops = [_TIMES, rng.choice("+-")]
+        ops = [TIMES, rng.choice("+-")]
     else:
         raise ValueError(f"unknown level {level}; known levels are {LEVELS}")
     # Guard against negative values: a first subtraction takes the larger operand first, a later one that
     # would go below zero becomes an addition.
     if ops[0] == "-" and values[1] > values[0]:
         values[0], values[1] = values[1], values[0]
-    if len(ops) > 1 and ops[1] == "-" and values[2] > _apply(values[0], ops[0], values[1]):
+    if len(ops) > 1 and ops[1] == "-" and values[2] > apply(values[0], ops[0], values[1]):
         ops[1] = "+"
     return values, ops
 
@@ -138,7 +124,7 @@ def _solve(values: Sequence[int], ops: Sequence[str]) -> tuple[int, list[str]]:
     acc = values[0]
     lines: list[str] = []
     for op, v in zip(ops, values[1:], strict=True):
-        nxt = _apply(acc, op, v)
+        nxt = apply(acc, op, v)
         lines.append(f"{acc} {op} {v} = {nxt}")
         acc = nxt
     return acc, lines

@@ -37,6 +37,10 @@ HUB_FILES = [
 ]
 
 
+TINY_MODELS = ("tiny", "tiny-countdown")
+"""Names of the built-in models (`dapo.models.tiny.RECIPES`): the arithmetic and the Countdown warm-up."""
+
+
 def is_hub_id(path: str) -> bool:
     """``org/name`` that names no local directory: a Hugging Face Hub repository id."""
     well_formed = bool(HUB_ID.fullmatch(path)) and len(path) <= 96 and ".." not in path and "--" not in path
@@ -55,12 +59,14 @@ def cached_hub_config(repo_id: str, cache_dir: str | Path | None = None) -> Path
 
 
 def resolve_model_path(path: str, *, progress: bool = True) -> Path:
-    """A checkpoint directory; "tiny" builds (once, then cached) the built-in tiny model; a Hub id
+    """A checkpoint directory; "tiny" / "tiny-countdown" build (once, then cached) a built-in
+    tiny model; a Hub id
     (``Qwen/Qwen2.5-7B``) is found in the local Hub cache or downloaded into it (`hub_snapshot`)."""
-    if path == "tiny":
-        from dapo.models.tiny import ensure_tiny_model
+    if path in TINY_MODELS:
+        from dapo.models.tiny import RECIPES, ensure_tiny_model
 
-        return ensure_tiny_model(progress=progress, isolated=True)  # a run must not depend on the build
+        # a run must not depend on the build
+        return ensure_tiny_model(RECIPES[path], progress=progress, isolated=True)
     if is_hub_id(path):
         return hub_snapshot(path)
     p = Path(path)
@@ -68,7 +74,7 @@ def resolve_model_path(path: str, *, progress: bool = True) -> Path:
         what = "no such directory" if not p.exists() else "no config.json there"
         raise UserError(
             f"model path {path!r}: {what}; allowed: a Hugging Face checkpoint directory "
-            "(config.json, *.safetensors, tokenizer files), a Hub id (org/name) or 'tiny'"
+            "(config.json, *.safetensors, tokenizer files), a Hub id (org/name), 'tiny' or 'tiny-countdown'"
         )
     return p
 

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import multiprocessing
+import random
 import shutil
 import sys
 import tempfile
@@ -47,7 +48,10 @@ from typing import Any
 import torch
 
 from dapo.cache import default_cache_dir
-from dapo.data.synthetic import FACTOR_RANGE, OPERAND_RANGE, ArithmeticProblem, ArithmeticTask
+from dapo.data import countdown
+from dapo.data.countdown import CountdownProblem
+from dapo.data.prompts import builtin_task
+from dapo.data.synthetic import FACTOR_RANGE, OPERAND_RANGE, ArithmeticProblem
 from dapo.models import kernels
 from dapo.models.config import ModelArgs
 from dapo.models.hub import save_pretrained
@@ -56,9 +60,11 @@ from dapo.models.transformer import CausalLM
 __all__ = [
     "BUILD_VERSION",
     "CHAT_TEMPLATE",
+    "COUNTDOWN_RECIPE",
     "DEFAULT_RECIPE",
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "RECIPES",
     "TinyBuildReport",
     "TinyEvalReport",
     "TinyRecipe",
@@ -101,9 +107,14 @@ class TinyRecipe:
     """Everything that determines the tiny model; its hash names the cache directory."""
 
     seed: int = 0
-    """Seed for initialisation, SFT data order and the arithmetic task."""
+    """Seed for initialisation, SFT data order and the task."""
+    task: str = "arithmetic"
+    """The built-in task the tokenizer and the warm-up are made from: "arithmetic" or "countdown"."""
     levels: tuple[int, ...] = (1, 2, 3)
-    """Arithmetic task levels used for the tokenizer corpus and SFT."""
+    """Task levels used for the tokenizer corpus and SFT."""
+    wrong_fraction: float = 0.0
+    """Share of warm-up traces that are wrong attempts (countdown only: `dapo.data.countdown.trace`); the
+    others are a solution drawn uniformly from the problem's solutions."""
     vocab_size: int = 512
     """Upper bound on the BPE vocabulary (the trainer stops earlier when no pair repeats)."""
     tokenizer_corpus: int = 2000
@@ -164,6 +175,12 @@ class TinyRecipe:
             raise ValueError(
                 "sft_steps must be >= 0; batch_size, tokenizer_corpus, val_problems, val_every >= 1"
             )
+        if self.task not in TASK_RANGES:
+            raise ValueError(f"task must be one of {', '.join(TASK_RANGES)}, got {self.task!r}")
+        if not 0.0 <= self.wrong_fraction < 1.0 or (self.wrong_fraction and self.task != "countdown"):
+            raise ValueError(
+                f"wrong_fraction must be in [0, 1) and 0 unless task is countdown, got {self.wrong_fraction}"
+            )
         if not 0.0 <= self.target_accuracy <= 1.0:
             raise ValueError(f"target_accuracy must be in [0, 1], got {self.target_accuracy}")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS):
@@ -176,10 +193,24 @@ class TinyRecipe:
         return d
 
 
+TASK_RANGES: dict[str, dict[str, Any]] = {
+    "arithmetic": {"operand_range": list(OPERAND_RANGE), "factor_range": list(FACTOR_RANGE)},
+    "countdown": {"number_range": list(countdown.NUMBER_RANGE), "max_value": countdown.MAX_VALUE},
+}
+"""Each task's number ranges: part of the cache key, so a change to the task rebuilds the model."""
+
+Problem = ArithmeticProblem | CountdownProblem
+
+
+COUNTDOWN_SFT_STEPS = 1500
+
+
 def recipe_key(recipe: TinyRecipe) -> str:
     """Short stable hash of the recipe, :data:`BUILD_VERSION` and the task's number ranges."""
-    task = {"operand_range": list(OPERAND_RANGE), "factor_range": list(FACTOR_RANGE)}
-    blob = json.dumps({"build_version": BUILD_VERSION, "task": task, **recipe.to_dict()}, sort_keys=True)
+    fields = recipe.to_dict()
+    if recipe.task == "arithmetic":  # the fields the arithmetic recipe always had: its caches stay valid
+        del fields["task"], fields["wrong_fraction"]
+    blob = json.dumps({"build_version": BUILD_VERSION, "task": TASK_RANGES[recipe.task], **fields}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
 
@@ -214,7 +245,7 @@ class TinyBuildReport:
 # Tokenizer
 
 
-def _tokenizer_corpus(problems: Sequence[ArithmeticProblem]) -> Iterator[str]:
+def _tokenizer_corpus(problems: Sequence[Problem]) -> Iterator[str]:
     """Texts the BPE is trained on: each prompt and solution after its chat role line, as rendered."""
     for p in problems:
         yield f"user\n{p.prompt}"
@@ -234,7 +265,7 @@ def build_tiny_tokenizer(recipe: TinyRecipe) -> Any:
     from transformers import AddedToken
     from transformers.models.qwen2 import Qwen2Tokenizer
 
-    task = ArithmeticTask(seed=recipe.seed, levels=recipe.levels)
+    task = builtin_task(recipe.task, recipe.seed, recipe.levels)
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -275,7 +306,7 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def _prompt_ids(tokenizer: Any, problem: ArithmeticProblem) -> list[int]:
+def _prompt_ids(tokenizer: Any, problem: Problem) -> list[int]:
     """Chat-templated prompt ids, ending with the assistant generation prompt."""
     text: str = tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=False)
     return _encode(tokenizer, text)
@@ -328,7 +359,7 @@ class _SFTBatch:
     lengths: torch.Tensor  # [B] real tokens of each row of ``rest``
 
 
-def _sft_batch(tokenizer: Any, problems: Sequence[ArithmeticProblem], eos_id: int, pad_id: int) -> _SFTBatch:
+def _sft_batch(tokenizer: Any, problems: Sequence[Problem], eos_id: int, pad_id: int) -> _SFTBatch:
     """Tokenize prompt → solution + eos for each problem and split off the prompts' common prefix."""
     prompts = [_prompt_ids(tokenizer, p) for p in problems]
     responses = [[*_encode(tokenizer, p.solution), eos_id] for p in problems]
@@ -389,6 +420,19 @@ def _reference_probability(model: CausalLM, batch: _SFTBatch) -> float:
     return float(seq_logprob.exp().mean())
 
 
+def _warmup_stream(recipe: TinyRecipe) -> Iterator[Problem]:
+    """The warm-up's endless stream of training problems with the solution to learn: the task's reference
+    solution (arithmetic), or a trace drawn from the problem's solutions and, at ``wrong_fraction``, wrong
+    attempts (countdown), so the warmed model starts with several paths to choose between."""
+    problems = builtin_task(recipe.task, recipe.seed + 1, recipe.levels).iter_train()
+    if recipe.task != "countdown":
+        yield from problems
+        return
+    rng = random.Random(f"dapo-tiny-traces-{recipe.seed}")
+    for p in problems:
+        yield dataclasses.replace(p, solution=countdown.trace(p, rng, recipe.wrong_fraction))
+
+
 def _make_optimizer(model: Any, recipe: TinyRecipe) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -418,8 +462,8 @@ def _sft(model: CausalLM, tokenizer: Any, recipe: TinyRecipe, progress: bool, *,
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     optimizer = _make_optimizer(model, recipe)
     # Separate task seeds: the tokenizer corpus uses seed, the SFT stream seed + 1, validation seed + 2.
-    stream = ArithmeticTask(seed=recipe.seed + 1, levels=recipe.levels).iter_train()
-    val_problems = ArithmeticTask(seed=recipe.seed + 2, levels=recipe.levels).train_problems(
+    stream = _warmup_stream(recipe)
+    val_problems = builtin_task(recipe.task, recipe.seed + 2, recipe.levels).train_problems(
         recipe.val_problems
     )
     val_batch = _sft_batch(tokenizer, val_problems, eos_id, pad_id)
@@ -473,7 +517,7 @@ def build_tiny_model(recipe: TinyRecipe, out_dir: Path, *, progress: bool = Fals
 
     save_pretrained(model, out_dir)
     tokenizer.save_pretrained(out_dir)
-    probe = ArithmeticTask(seed=recipe.seed, levels=recipe.levels).train_problems(
+    probe = builtin_task(recipe.task, recipe.seed, recipe.levels).train_problems(
         min(200, recipe.tokenizer_corpus)
     )
     tail = losses[-max(1, len(losses) // 10) :]
@@ -522,6 +566,16 @@ def _is_complete(path: Path) -> bool:
 
 DEFAULT_RECIPE = TinyRecipe()
 """What ``model.path=tiny`` builds."""
+
+COUNTDOWN_RECIPE = TinyRecipe(
+    task="countdown", wrong_fraction=0.2, sft_steps=COUNTDOWN_SFT_STEPS, target_accuracy=0.0
+)
+"""What ``model.path=tiny-countdown`` builds: the tiny model warmed up on diverse Countdown traces, a fifth
+of them wrong, for a fixed number of steps (the stop rule's reference probability means little when a
+problem has many solutions)."""
+
+RECIPES: dict[str, TinyRecipe] = {"tiny": DEFAULT_RECIPE, "tiny-countdown": COUNTDOWN_RECIPE}
+"""The built-in models by ``model.path`` name (`dapo.models.load.TINY_MODELS`)."""
 
 
 def ensure_tiny_model(
@@ -606,20 +660,29 @@ class TinyEvalReport:
 def evaluate_tiny_model(
     model: Any,
     tokenizer: Any,
-    problems: Sequence[ArithmeticProblem],
+    problems: Sequence[Problem],
     *,
     samples_per_problem: int = 8,
     temperature: float = 1.0,
     max_new_tokens: int = 64,
     seed: int = 0,
 ) -> TinyEvalReport:
-    """Sample responses with HF ``generate`` (``temperature == 0`` means greedy), score them with math_dapo.
+    """Sample responses with HF ``generate`` (``temperature == 0`` means greedy), score them with the task's
+    verifier (math_dapo for arithmetic, countdown for Countdown).
 
     Prompts of equal token length are batched together, so no padding is needed.
     """
     import transformers
 
-    from dapo.rewards.math_dapo import compute_score
+    from dapo.rewards import countdown as countdown_reward
+    from dapo.rewards import math_dapo
+
+    def verify(problem: Problem) -> Any:
+        return (
+            countdown_reward.compute_score
+            if isinstance(problem, CountdownProblem)
+            else math_dapo.compute_score
+        )
 
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
@@ -637,7 +700,7 @@ def evaluate_tiny_model(
         pad_token_id=pad_id,
     )
     model.eval()
-    by_len: dict[int, list[tuple[ArithmeticProblem, list[int]]]] = {}
+    by_len: dict[int, list[tuple[Problem, list[int]]]] = {}
     for p in problems:
         ids = _prompt_ids(tokenizer, p)
         by_len.setdefault(len(ids), []).append((p, ids))
@@ -656,7 +719,7 @@ def evaluate_tiny_model(
                     seq = seq[: seq.index(eos_id)]
                 lengths.append(len(seq))
                 text = tokenizer.decode(seq, skip_special_tokens=True)
-                hits.setdefault(problem.level, []).append(float(compute_score(text, problem.answer).acc))
+                hits.setdefault(problem.level, []).append(float(verify(problem)(text, problem.answer).acc))
     all_hits = [h for v in hits.values() for h in v]
     return TinyEvalReport(
         accuracy=sum(all_hits) / len(all_hits),

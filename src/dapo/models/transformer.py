@@ -25,6 +25,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from dapo.models import kernels
 from dapo.models.config import ModelArgs
+from dapo.models.lora import LoRALinear
 
 __all__ = ["CausalLM", "KVCache", "forward_responses_unshared"]
 
@@ -353,6 +354,33 @@ def _linear_then(
     return y * other if post == "mul" else other + y
 
 
+def _project(x: Tensor, m: nn.Linear) -> Tensor:
+    """Projection ``m`` of ``x`` through `_linear`, plus its LoRA adapter's output where it has one
+    (`dapo.models.lora`; the adapter's two small matmuls go through `_linear` too)."""
+    y = _linear(x, m.weight, m.bias)
+    return y + _adapter(x, m) if isinstance(m, LoRALinear) else y
+
+
+def _adapter(x: Tensor, m: LoRALinear) -> Tensor:
+    return _linear(_linear(m.lora_dropout(x), m.lora_A.weight), m.lora_B.weight) * m.scaling
+
+
+def _project_then(x: Tensor, m: nn.Linear, post: str, other: Tensor | None = None) -> Tensor:
+    """`_linear_then` of projection ``m``; with a LoRA adapter its output joins before ``post`` (into the
+    fused residual add for ``"add"``)."""
+    if not isinstance(m, LoRALinear):
+        return _linear_then(x, m.weight, m.bias, post, other)
+    delta = _adapter(x, m)
+    if post == "add":
+        assert other is not None
+        return _linear_then(x, m.weight, m.bias, "add", other + delta)
+    y = _linear(x, m.weight, m.bias) + delta
+    if post == "swish":
+        return F.silu(y)
+    assert other is not None
+    return y * other
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """``x @ weight.T + bias`` with all three matmuls (forward, input and weight gradients) on oneDNN."""
 
@@ -537,9 +565,9 @@ class _Attention(nn.Module):
         """Rotated queries ``[..., H, Dh]``, rotated keys and values ``[..., H_kv, Dh]`` of ``x`` ``[..., D]``
         (cos/sin broadcast as ``[..., 1, Dh]``)."""
         a, shape = self, (*x.shape[:-1], -1, self.head_dim)
-        q = _linear(x, a.q_proj.weight, a.q_proj.bias).view(shape)
-        k = _linear(x, a.k_proj.weight, a.k_proj.bias).view(shape)
-        v = _linear(x, a.v_proj.weight, a.v_proj.bias).view(shape)
+        q = _project(x, a.q_proj).view(shape)
+        k = _project(x, a.k_proj).view(shape)
+        v = _project(x, a.v_proj).view(shape)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         return _rope(q, cos, sin), _rope(k, cos, sin), v
@@ -575,7 +603,7 @@ class _Attention(nn.Module):
         else:
             out = _sdpa(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=rep > 1)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * dh)
-        return _linear_then(out, self.o_proj.weight, self.o_proj.bias, "add", residual)  # [B, T, D]
+        return _project_then(out, self.o_proj, "add", residual)  # [B, T, D]
 
     def forward_shared(
         self, x: Tensor, residual: Tensor, cos: Tensor, sin: Tensor, s: _SharedPrefix
@@ -605,7 +633,7 @@ class _Attention(nn.Module):
             )  # [b, H, T, Dh]
             outs.append(s.tokens(out.transpose(1, 2).reshape(s.b * s.T, -1)))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        return _linear_then(out, self.o_proj.weight, self.o_proj.bias, "add", residual)  # [M, D]
+        return _project_then(out, self.o_proj, "add", residual)  # [M, D]
 
 
 class _MLP(nn.Module):
@@ -618,8 +646,8 @@ class _MLP(nn.Module):
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + mlp(x)``."""
         g, u, d = self.gate_proj, self.up_proj, self.down_proj
-        h = _linear_then(x, u.weight, u.bias, "mul", _linear_then(x, g.weight, g.bias, "swish"))
-        return _linear_then(h, d.weight, d.bias, "add", residual)
+        h = _project_then(x, u, "mul", _project_then(x, g, "swish"))
+        return _project_then(h, d, "add", residual)
 
 
 class _Layer(nn.Module):
