@@ -5,7 +5,8 @@ Writes `<out>/<case>.pt` from rank 0: the full parameters after the update, for 
 micro-batch size, for a per-rank-normalised negative control (each rank divides by its own count), under
 `actor.precision=bf16-mixed` (FSDP2-sharded float32 masters, bf16 autocast compute), and with the memory
 settings on (`MEMORY`: activation checkpointing inside FSDP2, the chunked LM head, token-budget
-micro-batches, whose counts differ between the ranks' shares), and for the other objectives (`OBJECTIVES`).
+micro-batches, whose counts differ between the ranks' shares), for the other objectives (`OBJECTIVES`), and
+with LoRA (`LORA`: frozen base, sharded adapters, the adapters alone synced to the full copy).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from dapo import distributed
 from dapo.config import ActorConfig, AlgorithmConfig
+from dapo.models.lora import LoRASpec
 from dapo.train import Actor
 from tests.test_train import random_batch, tiny_model
 
@@ -34,6 +36,8 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "rloo": {"advantage": "rloo"},
 }
 """The other objectives (`AlgorithmConfig` settings beside the aggregation), each on 2 ranks."""
+LORA = LoRASpec(4, 8.0, 0.0, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+"""LoRA's case: adapters on every projection, the base frozen."""
 
 
 class PerRankWorld(distributed.World):
@@ -49,10 +53,18 @@ def update(
     micro: int,
     precision: str = "model",
     algorithm: dict[str, Any] | None = None,
+    lora: bool = False,
     **settings: Any,
 ) -> dict[str, torch.Tensor]:
     checkpointing = bool(settings.get("activation_checkpointing", False))
-    train_model, plain = distributed.parallelize(tiny_model(), world, activation_checkpointing=checkpointing)
+    model = tiny_model()
+    if lora:  # rank-4 adapters on every projection, B nonzero so that A has gradients too
+        LORA.add_to(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    train_model, plain = distributed.parallelize(model, world, activation_checkpointing=checkpointing)
     cfg = ActorConfig(
         lr=LR,
         warmup_steps=0,
@@ -75,7 +87,9 @@ def update(
     step = actor.optimizer.step
 
     def record_then_step(*args, **kwargs):  # type: ignore[no-untyped-def]
-        grads.append({n: _full(p.grad).clone() for n, p in train_model.named_parameters()})
+        grads.append(
+            {n: _full(p.grad).clone() for n, p in train_model.named_parameters() if p.grad is not None}
+        )
         return step(*args, **kwargs)
 
     actor.optimizer.step = record_then_step  # type: ignore[method-assign]
@@ -106,6 +120,7 @@ def main() -> None:
         results[f"memory-{aggregation}"] = update(world, aggregation, MINI, **MEMORY)
     for name, algorithm in OBJECTIVES.items():
         results[f"objective-{name}"] = update(world, "seq-mean-token-mean", 1, algorithm=algorithm)
+    results["lora"] = update(world, "token-mean", 1, lora=True)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save(results, out / "updates.pt")

@@ -66,6 +66,8 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     assert ckpt.name == "step_000004"
+    if (ckpt / "adapter").is_dir():  # a LoRA run: its adapters
+        return load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     return load_file(str(ckpt / "model" / "model.safetensors"))
 
 
@@ -369,8 +371,10 @@ OBJECTIVES = {
         "algorithm.loss_aggregation=seq-mean-token-mean", "algorithm.dual_clip_c=null",
         "algorithm.advantage=reinforce_plus_plus",
     ],
+    # LoRA: the workers receive the adapters only
+    "lora": ["actor.lora.rank=4", "actor.lr=1e-3"],
 }  # fmt: skip
-"""The objectives (`algorithm.*`) run in Ray mode as in one process (the same code)."""
+"""The objectives (`algorithm.*`), and LoRA, run in Ray mode as in one process (the same code)."""
 
 
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
@@ -389,6 +393,9 @@ def test_one_worker_samples_and_trains_what_one_process_does(
     assert_equal_weights(final_weights(ray_dir), final_weights(train(local).run_dir))
     if objective.startswith("gspo"):
         assert all(0 <= r["actor/seq_clip_frac"] <= 1 for r in metrics(ray_dir) if "actor/updates" in r)
+    if objective == "lora":  # 4 layers x 7 projections x rank 4 x (in + out) float32 values: ~0.14 MiB
+        synced = [r["rollout/weight_sync_mb"] for r in metrics(ray_dir) if "rollout/weight_sync_mb" in r]
+        assert synced and all(0 < mb < 0.5 for mb in synced), synced
 
 
 def test_the_default_recipe_learns_in_ray_mode(ray_address: str, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from dapo import distributed
 from dapo.backends.policy import Policy, sync_engine_weights
 from dapo.config import Config
 from dapo.models.load import load_policy
+from dapo.models.lora import LoRASpec, synced_names
 from dapo.preempt import fault_point
 from dapo.rewards import ScoreBatch
 from dapo.rewards.pool import make_reward_pool
@@ -109,7 +110,10 @@ class TrainerRank:
         sends its full copy. `rollout/weight_sync_mb` per receiver."""
         t0 = time.perf_counter()
         sharded = self.policy.train_model is not self.policy.full_model  # one rank: the same module
-        gathered = distributed.gathered_weights(self.policy.train_model) if gather and sharded else None
+        adapters = synced_names(self.policy.train_model)  # LoRA: the adapters only (the base is frozen)
+        gathered = (
+            distributed.gathered_weights(self.policy.train_model, adapters) if gather and sharded else None
+        )
         if self.rank != 0 or self.group is None:
             for _ in gathered or ():  # the other ranks' part of each all-gather
                 pass
@@ -117,7 +121,7 @@ class TrainerRank:
         try:
             self.version, sent = distributed.broadcast_weights(
                 self.group, self.policy.full, version, self.sync_device,
-                bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb << 20, source=gathered,
+                bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb << 20, source=gathered, names=adapters,
             )  # fmt: skip
         except Exception:
             # a receiver is gone (e.g. restarted): drop the group, closing its connections, so the other
@@ -157,6 +161,9 @@ class RolloutWorker:
         # checksum) stays in host memory
         host = torch.device("cpu") if cfg.rollout.engine == "vllm" else None
         self.model, tokenizer, _ = load_policy(cfg.model, device=host)
+        lora = LoRASpec.of(cfg.actor.lora, cfg.trainer.seed)
+        if lora is not None:  # the trainer's initial adapters (drawn from the seed alone)
+            lora.add_to(self.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.engine = make_engine(
@@ -196,7 +203,9 @@ class RolloutWorker:
         """The weights rank 0 broadcasts, into this worker's model (and its engine's own copy)."""
         if self.group is None:
             raise StaleWeightsError(f"rollout worker {self.index} is in no weight group (restarted)")
-        self.version, _ = distributed.broadcast_weights(self.group, self.model, 0, self.sync_device)
+        self.version, _ = distributed.broadcast_weights(
+            self.group, self.model, 0, self.sync_device, names=synced_names(self.model)
+        )
         sync_engine_weights(self.engine, self.model)
         return self.version
 

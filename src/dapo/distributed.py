@@ -358,10 +358,13 @@ def _plain_copy(model: nn.Module) -> Any:
 
 
 @torch.no_grad()
-def sync_weights(sharded: nn.Module, plain: nn.Module | None) -> dict[str, float]:
+def sync_weights(
+    sharded: nn.Module, plain: nn.Module | None, *, everything: bool = False
+) -> dict[str, float]:
     """Copy the full weights of ``sharded`` into ``plain``, one parameter at a time (`gathered_weights`: a
     rank without a copy, ``plain`` None, takes part and drops what it gathered; a copy in host memory takes
-    each as it comes); with LoRA only the adapters (`lora.synced_names`: the frozen base is there already).
+    each as it comes); with LoRA only the adapters (`lora.synced_names`: the frozen base is there already),
+    unless ``everything``.
     `time/weight_sync_s` and `rollout/weight_sync_mb` (bytes gathered per rank); nothing when both are the
     same module."""
     from dapo.models.lora import synced_names
@@ -370,7 +373,7 @@ def sync_weights(sharded: nn.Module, plain: nn.Module | None) -> dict[str, float
         return {}
     t0, moved = time.perf_counter(), 0
     target = dict(plain.named_parameters()) if plain is not None else {}
-    for name, full in gathered_weights(sharded, synced_names(sharded)):
+    for name, full in gathered_weights(sharded, None if everything else synced_names(sharded)):
         if plain is not None:
             target[name].copy_(full)
         moved += full.numel() * full.element_size()
@@ -608,6 +611,7 @@ def broadcast_weights(
     *,
     bucket_bytes: int = 512 << 20,
     source: Iterable[tuple[str, Tensor]] | None = None,
+    names: set[str] | None = None,
 ) -> tuple[int, int]:
     """Member 0 sends every parameter of ``module`` (in `named_parameters` order) and the others receive
     them in place; a header first (version, parameter count, bucket size), so a receiver with another model
@@ -615,9 +619,11 @@ def broadcast_weights(
     (`weight_buckets`), each flattened into one buffer on ``device`` (the group's, default CPU) for one
     broadcast: the extra memory on the device is one bucket. ``source`` (member 0): the values to send, in
     parameter order, instead of ``module``'s own (the shards gathered as they are sent,
-    `gathered_weights`); they are also copied into ``module``. Returns (version, bytes per receiver)."""
+    `gathered_weights`); they are also copied into ``module``. ``names``: only these parameters (a LoRA
+    run's adapters, `lora.synced_names`). Returns (version, bytes per receiver)."""
     device = device or torch.device("cpu")
-    names, params = zip(*module.named_parameters(), strict=True)
+    named = [(n, p) for n, p in module.named_parameters() if names is None or n in names]
+    names_sent, params = zip(*named, strict=True)
     header = torch.tensor([version, len(params), bucket_bytes], dtype=torch.int64, device=device)
     group.broadcast(header, 0).wait()
     if int(header[1]) != len(params):
@@ -635,8 +641,8 @@ def broadcast_weights(
                 value = p
                 if values is not None:
                     name, value = next(values)
-                    if name != names[i]:
-                        raise RuntimeError(f"weight sync: source sends {name} where {names[i]} is due")
+                    if name != names_sent[i]:
+                        raise RuntimeError(f"weight sync: source sends {name} where {names_sent[i]} is due")
                     p.copy_(value)
                 view.copy_(value.reshape(-1))
         group.broadcast(buf, 0).wait()

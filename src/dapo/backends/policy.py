@@ -22,7 +22,7 @@ from dapo.config import Config
 from dapo.errors import UserError
 from dapo.models import load_pretrained
 from dapo.models.load import is_hub_id, load_policy, resolve_model_path
-from dapo.models.lora import ADAPTER_WEIGHTS, LoRASpec, has_lora, read_adapter_weights
+from dapo.models.lora import ADAPTER_WEIGHTS, LoRASpec, has_lora, merged_state_dict, read_adapter_weights
 from dapo.models.tokenizer import load_tokenizer
 from dapo.rollout.base import RolloutEngine, WeightSyncedEngine
 from dapo.train import Actor
@@ -101,12 +101,14 @@ class Policy:
     def gather_weights(self) -> dict[str, float]:
         """The updated shards into the full-weight copy (ranks; its storage first, if `release_full` freed
         it); nothing in one process."""
-        if self._released:
+        released = bool(self._released)
+        if released:
             with torch.no_grad():
                 for p, (shape, dtype) in zip(self.full.parameters(), self._released, strict=True):
                     p.data = torch.empty(shape, dtype=dtype, device=p.device)
             self._released = []
-        return distributed.sync_weights(self.train_model, self.full_model)
+        # a released copy takes every weight back (with LoRA too: its frozen base went with it)
+        return distributed.sync_weights(self.train_model, self.full_model, everything=released)
 
     def release_full(self) -> int:
         """Free the full-weight copy's storage (ranks with one; the parameter objects stay, so an engine
@@ -152,7 +154,7 @@ def sync_engine_weights(engine: RolloutEngine, model: torch.nn.Module) -> dict[s
     """Copy the policy's weights into an engine that keeps its own copy (vLLM); `rollout/weights_version`."""
     if not isinstance(engine, WeightSyncedEngine):
         return {}  # the native and HF engines hold the policy module itself
-    engine.load_weights(model.state_dict())
+    engine.load_weights(merged_state_dict(model) if has_lora(model) else model.state_dict())
     return {"rollout/weights_version": float(engine.weights_version)}
 
 

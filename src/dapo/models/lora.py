@@ -41,6 +41,7 @@ __all__ = [
     "has_lora",
     "load_adapter",
     "merge_lora",
+    "merged_state_dict",
     "read_adapter_weights",
     "save_adapter",
     "synced_names",
@@ -248,15 +249,28 @@ def synced_names(model: nn.Module) -> set[str] | None:
 
 
 @torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s weights under the base model's names with every adapter folded in (``W + scaling B A``,
+    computed in float32): what an engine without LoRA support (vLLM here) loads."""
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, module in iter_lora(model):
+        state[f"{name}.weight"] = _merged_weight(module)
+    return state
+
+
+def _merged_weight(module: LoRALinear) -> Tensor:
+    a, b = module.lora_A.weight.float(), module.lora_B.weight.float()
+    return (module.weight.float() + module.scaling * (b @ a)).to(module.weight.dtype)
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base weight (``W += scaling * B A``) and turn the projections back into
     plain `nn.Linear` layers; the number merged."""
     count = 0
     for module in list(model.modules()):
         if isinstance(module, LoRALinear):
-            a, b = module.lora_A.weight.float(), module.lora_B.weight.float()
-            merged = module.weight.float() + module.scaling * (b @ a)
-            module.weight.copy_(merged.to(module.weight.dtype))
+            module.weight.copy_(_merged_weight(module))
             for child in ("lora_A", "lora_B", "lora_dropout"):
                 delattr(module, child)
             del module.scaling

@@ -210,7 +210,9 @@ def recipe_key(recipe: TinyRecipe) -> str:
     fields = recipe.to_dict()
     if recipe.task == "arithmetic":  # the fields the arithmetic recipe always had: its caches stay valid
         del fields["task"], fields["wrong_fraction"]
-    blob = json.dumps({"build_version": BUILD_VERSION, "task": TASK_RANGES[recipe.task], **fields}, sort_keys=True)
+    blob = json.dumps(
+        {"build_version": BUILD_VERSION, "task": TASK_RANGES[recipe.task], **fields}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 
 
